@@ -1,0 +1,53 @@
+# lightscale: `make train` and `make test` set everything up in .venv on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch build to install first. The default is the CPU build; for CUDA use e.g.
+#   make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu126"
+TORCH_SPEC ?= torch==2.13.0
+CONFIG ?= configs/experiment/digits.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-slow test-slurm test-all lint format bench sync report slurm-up slurm-down clean
+
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(STAMP) ## Create .venv and install lightscale with its dev tools
+
+train: $(STAMP) ## Train the default experiment (CONFIG=..., ARGS="--trainer.max_epochs 5")
+	$(BIN)/lightscale fit --config $(CONFIG) $(ARGS)
+
+test: $(STAMP) ## Run the default test suite (no slow, no SLURM)
+	$(BIN)/pytest -m "not slow and not slurm and not gpu" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## Run the slow tests (kill -9 resume trials, multi-process runs)
+	$(BIN)/pytest -m "slow and not slurm and not gpu" $(PYTEST_ARGS)
+
+test-slurm: $(STAMP) ## Run the tests against a real local SLURM cluster (root; installs slurm-wlm)
+	$(BIN)/pytest -m "slurm" $(PYTEST_ARGS)
+
+test-all: $(STAMP) ## Run every test (GPU tests skip without a GPU)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## Lint with ruff
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP) ## Format and auto-fix with ruff
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean: ## Remove the virtualenv, caches and runs/
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs wandb lightning_logs src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

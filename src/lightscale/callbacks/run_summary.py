@@ -1,0 +1,97 @@
+"""Write ``summary.json``: what a run achieved, in one small file that scripts and people can read."""
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.data import extract_batch_size
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly scalar (tensors become floats, NaN/inf become strings JSON can hold)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunSummary(Callback):
+    """Final and best metrics, steps, epochs, wall time and training throughput, merged into
+    ``<run_dir>/summary.json`` after every fit / validate / test in the run (rank 0 writes).
+
+    Throughput counts samples seen by this rank times the world size; it is measured between the first and
+    last training batch, so start-up and compilation are not averaged in.
+    """
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.fit_start: float | None = None
+        self.first_batch: float | None = None
+        self.last_batch: float | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.fit_start = time.perf_counter()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.first_batch is None:
+            self.first_batch = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.samples += extract_batch_size(batch)
+        self.last_batch = time.perf_counter()
+
+    def summary(self, trainer: L.Trainer, stage: str) -> dict[str, Any]:
+        metrics = {key: _plain(value) for key, value in sorted(trainer.callback_metrics.items())}
+        summary: dict[str, Any] = {
+            f"{stage}_metrics": metrics,
+            "global_step": trainer.global_step,
+            "epochs": trainer.current_epoch,
+            "world_size": trainer.world_size,
+        }
+        if stage == "fit":
+            if self.fit_start is not None:
+                summary["fit_seconds"] = round(time.perf_counter() - self.fit_start, 3)
+            if self.first_batch is not None and self.last_batch is not None and self.last_batch > self.first_batch:
+                seconds = self.last_batch - self.first_batch
+                summary["train_samples"] = self.samples * trainer.world_size
+                summary["train_samples_per_sec"] = round(self.samples * trainer.world_size / seconds, 2)
+            checkpoint = trainer.checkpoint_callback
+            if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
+                summary["best"] = {
+                    "monitor": checkpoint.monitor,
+                    "score": _plain(checkpoint.best_model_score),
+                    "checkpoint": os.path.relpath(checkpoint.best_model_path, trainer.default_root_dir),
+                }
+        return summary
+
+    def _write(self, trainer: L.Trainer, stage: str) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        path = Path(trainer.default_root_dir) / "summary.json"
+        existing = json.loads(path.read_text()) if path.exists() else {}
+        existing.update(self.summary(trainer, stage))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(existing, indent=2) + "\n")
+        tmp.replace(path)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, "fit")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, "test")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._write(trainer, "validate")

@@ -1,0 +1,5 @@
+"""Experiment loggers."""
+
+from lightscale.loggers.wandb import WandbLogger
+
+__all__ = ["WandbLogger"]

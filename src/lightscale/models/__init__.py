@@ -1,0 +1,5 @@
+"""LightningModules: how each network is trained (loss, optimizer, schedule, metrics)."""
+
+from lightscale.models.classifier import Classifier
+
+__all__ = ["Classifier"]
