@@ -1,8 +1,8 @@
 """The ``lightscale`` command: LightningCLI with the template's defaults, run directories and error handling.
 
 ``lightscale fit|validate|test|predict --config a.yaml --config b.yaml --model.lr 1e-3``. Any importable
-LightningModule / LightningDataModule can be named by ``class_path``; with no config at all, ``fit`` trains the
-digits classifier.
+LightningModule / LightningDataModule can be named by ``class_path``; the experiment configs under
+``configs/experiment/`` name them, the trainer / logger presets layer on top.
 """
 
 import os
@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
@@ -25,10 +26,14 @@ from lightscale.errors import UserError, one_line
 from lightscale.loggers import WandbLogger
 from lightscale.run_dir import RUN_DIR_ENV, has_run_artifacts, resolve_run_dir
 
-DEFAULT_MODEL = "lightscale.models.Classifier"
-DEFAULT_DATA = "lightscale.data.DigitsDataModule"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TRACEBACK_ENV = "LIGHTSCALE_TRACEBACK"
+
+# jsonargparse keeps init_args that also fit a newly chosen class_path; a kept value validated by a restricted
+# type (PositiveFloat, ...) is a float/int subclass that PyYAML's safe dumper rejects ("cannot represent an
+# object") when Lightning dumps the config. Represent such subclasses as the plain numbers they are.
+yaml.SafeDumper.add_multi_representer(float, yaml.SafeDumper.represent_float)
+yaml.SafeDumper.add_multi_representer(int, yaml.SafeDumper.represent_int)
 
 # Deprecation chatter from dependencies that users cannot act on.
 warnings.filterwarnings("ignore", message=".*set_vital.*")
@@ -80,8 +85,6 @@ class LightscaleCLI(LightningCLI):
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {
-                "model": {"class_path": DEFAULT_MODEL},
-                "data": {"class_path": DEFAULT_DATA},
                 "checkpoint.monitor": "val/loss",
                 "checkpoint.mode": "min",
                 "checkpoint.save_last": True,
@@ -103,10 +106,10 @@ class LightscaleCLI(LightningCLI):
 
     # ------------------------------------------------------------------ run directory
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config.get(str(self.subcommand), self.config)
         name = config.run.name or config.model.class_path.rsplit(".", 1)[-1].lower()
         run_dir, inherited = resolve_run_dir(config.run.root, name, config.run.dir)
-        if not inherited and has_run_artifacts(run_dir) and not (self.subcommand == "fit" and config.ckpt_path):
+        if not inherited and has_run_artifacts(run_dir) and not (self.subcommand == "fit" and config.get("ckpt_path")):
             raise UserError(
                 f"run.dir {run_dir} already holds a run; pass --ckpt_path last to resume it, "
                 "or leave run.dir unset for a new run"
@@ -122,7 +125,7 @@ class LightscaleCLI(LightningCLI):
                 callback.init_args.dirpath = str(run_dir / "checkpoints")
 
     def after_fit(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config.get(str(self.subcommand), self.config)
         if (
             config.run.test_after_fit
             and self.datamodule is not None

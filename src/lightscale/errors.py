@@ -38,6 +38,8 @@ def one_line(message: str) -> str:
     if class_paths and len(keys) <= 1:
         reason = f"class_path {class_paths[-1]!r}: {reason}"
     reason = re.sub(r"^unrecognized arguments: (fit|validate|test|predict) ", "unrecognized arguments: ", reason)
+    if "arguments are required" in reason:
+        reason += " (name them in a config, e.g. --config configs/experiment/digits.yaml, or with --model/--data)"
     if keys:
         return f"{'.'.join(keys)}: {reason}"
     return reason

@@ -37,6 +37,7 @@ class Classifier(L.LightningModule):
         optimizer: OptimizerName = "adamw",
         scheduler: SchedulerName = "onecycle",
         warmup_steps: NonNegativeInt = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -50,6 +51,10 @@ class Classifier(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
+            self.net = torch.compile(self.net)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
