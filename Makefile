@@ -7,6 +7,8 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/experiment/digits.yaml
 ARGS ?=
 PYTEST_ARGS ?=
+RUN ?=
+SLURM_STATE_DIR ?= /tmp/lightscale-slurm
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -47,6 +49,26 @@ lint: $(STAMP) ## Lint with ruff
 format: $(STAMP) ## Format and auto-fix with ruff
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
+
+bench: $(STAMP) ## Run the benchmarks and print one table (numbers go into the README)
+	$(BIN)/python benchmarks/run_all.py
+
+sync: $(STAMP) ## Upload every offline W&B run under runs/ (needs `wandb login` or WANDB_API_KEY)
+	@runs="$$(find runs -type d -name 'offline-run-*' 2>/dev/null | sort)"; \
+	if [ -z "$$runs" ]; then echo "no offline W&B runs under runs/"; \
+	else $(BIN)/wandb sync --yes $$runs; fi
+
+report: $(STAMP) ## Write report.md + plots for RUN (default: the newest run); RUN="dir1 dir2" compares
+	@run="$(RUN)"; [ -n "$$run" ] || run="$$(ls -td runs/*/*/ 2>/dev/null | head -1)"; \
+	if [ -z "$$run" ]; then echo "no runs under runs/"; exit 1; fi; \
+	$(BIN)/python -m lightscale.report $$run
+
+slurm-up: ## Start a local 2-node SLURM test cluster (root; apt-installs slurm-wlm + munge if missing)
+	tests/cluster/slurm_up.sh $(SLURM_STATE_DIR)
+	@echo 'then: export SLURM_CONF=$(SLURM_STATE_DIR)/slurm.conf'
+
+slurm-down: ## Stop the local SLURM test cluster (only the daemons slurm-up started)
+	tests/cluster/slurm_down.sh $(SLURM_STATE_DIR)
 
 clean: ## Remove the virtualenv, caches and runs/
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs wandb lightning_logs src/*.egg-info
