@@ -8,12 +8,14 @@ CONFIG ?= configs/experiment/digits.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 RUN ?=
+RESOURCES ?=
+SBATCH ?=
 SLURM_STATE_DIR ?= /tmp/lightscale-slurm
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-slurm test-all lint format bench sync report slurm-up slurm-down clean
+.PHONY: help install train test test-slow test-slurm test-all lint format bench sync report preflight submit slurm-up slurm-down clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,6 +64,12 @@ report: $(STAMP) ## Write report.md + plots for RUN (default: the newest run); R
 	@run="$(RUN)"; [ -n "$$run" ] || run="$$(ls -td runs/*/*/ 2>/dev/null | head -1)"; \
 	if [ -z "$$run" ]; then echo "no runs under runs/"; exit 1; fi; \
 	$(BIN)/python -m lightscale.report $$run
+
+preflight: $(STAMP) ## Check a SLURM job before it queues (CONFIG=..., RESOURCES="--nodes=2 --ntasks-per-node=4 --gpus-per-node=4")
+	$(BIN)/lightscale preflight --sbatch slurm/train.sbatch --from-slurm $(RESOURCES) --config $(CONFIG) $(ARGS)
+
+submit: $(STAMP) ## Preflight, then sbatch slurm/train.sbatch (CONFIG=..., SBATCH="--nodes=2 --time=12:00:00", ARGS=...)
+	PATH="$(CURDIR)/$(BIN):$$PATH" slurm/submit.sh $(SBATCH) $(CONFIG) $(ARGS)
 
 slurm-up: ## Start a local 2-node SLURM test cluster (root; apt-installs slurm-wlm + munge if missing)
 	tests/cluster/slurm_up.sh $(SLURM_STATE_DIR)

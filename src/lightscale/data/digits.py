@@ -4,6 +4,7 @@ import lightning as L
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt
+from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightscale.data.tensor_dataset import BatchedTensorDataset, passthrough_collate
@@ -61,10 +62,19 @@ class DigitsDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> StatefulDataLoader:
         workers = self.hparams.num_workers
         pin = torch.cuda.is_available() if self.hparams.pin_memory is None else self.hparams.pin_memory
+        dataset = self.splits[split]
+        sampler = None
+        if shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # torchdata's RandomSampler is not torch's, so Lightning would wrap it in a DistributedSamplerWrapper
+            # whose order is drawn from the global generator when each epoch's iterator is created; a mid-epoch
+            # resume creates it at another moment and sees other batches. A seeded DistributedSampler (epoch set
+            # by Lightning) is replayed exactly by StatefulDataLoader.
+            sampler = DistributedSampler(dataset, shuffle=True, seed=self.hparams.seed)
         return StatefulDataLoader(
-            self.splits[split],
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else None,
+            sampler=sampler,
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=workers > 0,
