@@ -28,15 +28,15 @@ class LineFit(L.LightningModule):
         self.save_hyperparameters()
         self.linear = torch.nn.Linear(1, 1)
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.linear(x), y)
         self.log("fit_loss", loss)
         return loss
 
-    def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def validation_step(self, batch, batch_idx):
         x, y = batch
         self.log("val_mse", torch.nn.functional.mse_loss(self.linear(x), y))
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)

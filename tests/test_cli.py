@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONFIGS, REPO, run_cli
 
+from conftest import CONFIGS, REPO, run_cli
 from lightscale.cli import LightscaleCLI
 
 
@@ -73,8 +73,9 @@ def test_a_missing_model_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_print_config_shows_the_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
-    code = run_cli("fit", "--config", str(CONFIGS / "experiment" / "digits.yaml"), "--model.lr", "0.005",
-                   "--print_config")
+    code = run_cli(
+        "fit", "--config", str(CONFIGS / "experiment" / "digits.yaml"), "--model.lr", "0.005", "--print_config"
+    )
     assert code == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["model"]["init_args"]["lr"] == 0.005

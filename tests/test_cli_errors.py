@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+
 from conftest import CONFIGS, python_cli, run_cli
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
@@ -14,13 +15,17 @@ def write(path: str, text: str) -> str:
 
 
 CASES = {
-    "unknown key in a config file": (lambda: ["--config", write("bad.yaml", "trainer:\n  max_epochz: 3\n")],
-                                     "trainer.max_epochz"),
+    "unknown key in a config file": (
+        lambda: ["--config", write("bad.yaml", "trainer:\n  max_epochz: 3\n")],
+        "trainer.max_epochz",
+    ),
     "unknown command-line key": (lambda: ["--trainer.bogus", "1"], "--trainer.bogus"),
     "unknown model argument": (lambda: ["--model.init_args.bogus", "3"], "bogus"),
     "wrong value type": (lambda: ["--trainer.max_epochs", "abc"], "trainer.max_epochs"),
-    "wrong type in a file": (lambda: ["--config", write("lr.yaml", "model:\n  init_args:\n    lr: fast\n")],
-                             "model.lr"),
+    "wrong type in a file": (
+        lambda: ["--config", write("lr.yaml", "model:\n  init_args:\n    lr: fast\n")],
+        "model.lr",
+    ),
     "missing config file": (lambda: ["--config", "nope.yaml"], "nope.yaml"),
     "class_path that does not import": (lambda: ["--model", "nowhere.Model"], "nowhere.Model"),
     "negative learning rate": (lambda: ["--model.lr", "-0.1"], "model.lr"),

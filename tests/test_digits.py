@@ -7,9 +7,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+
 from conftest import CONFIGS, run_cli, run_dirs
 from helpers.wandb_offline import find_offline_runs, read_offline_run
-
 from lightscale.data import DigitsDataModule
 from lightscale.models import Classifier
 

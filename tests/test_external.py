@@ -3,6 +3,7 @@
 import json
 
 import torch
+
 from conftest import run_cli, run_dirs
 
 QUIET = ("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")

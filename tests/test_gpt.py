@@ -318,3 +318,15 @@ def test_throughput_logger_counts_tokens_and_reports_no_mfu_on_cpu(tmp_path: Pat
     assert flops == pytest.approx(plain["throughput/tokens_per_sec"] * model.flops_per_token(16))
     assert with_peak["throughput/mfu"] == pytest.approx(with_peak["throughput/flops_per_sec"] / 1e12)
     assert trainer.callback_metrics["throughput/tokens_per_sec"] > 0
+
+
+def test_unencodable_sample_prompt_warns_instead_of_failing(tmp_path: Path) -> None:
+    dm = TextDataModule(
+        path=str(corpus(tmp_path)), tokenizer="char", block_size=16, batch_size=4, val_batches=1,
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    model = CausalLM(vocab_size=dm.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, sample_prompt="§")
+    trainer = cpu_trainer(tmp_path, max_steps=2, val_check_interval=1)
+    with pytest.warns(UserWarning, match="sample_prompt cannot be encoded"):
+        trainer.fit(model, dm)
+    assert trainer.global_step == 2 and "val/loss" in trainer.callback_metrics

@@ -1,7 +1,6 @@
 """TextDataModule and tokenizers: cached shards, exact round trips, windows per rank/epoch, resume, errors."""
 
 import os
-import time
 from pathlib import Path
 
 import lightning as L
@@ -66,9 +65,7 @@ def test_byte_shards_are_exact_split_and_idempotent(tmp_path: Path) -> None:
     assert n_train == int(len(expected) * 0.9)  # nanoGPT's split: the last 10% validate
     assert ByteTokenizer().decode(tokens) == expected.decode("utf-8")
 
-    start = time.perf_counter()
-    make_dm(tmp_path, max_bytes=300_000).prepare_data()  # a fresh instance finds the cache
-    assert time.perf_counter() - start < 1.0
+    make_dm(tmp_path, max_bytes=300_000).prepare_data()  # a fresh instance finds the cache: nothing rewritten
     assert {f.name: f.stat().st_mtime_ns for f in dm.shard_dir.iterdir()} == mtimes
     assert not [p for p in dm.cache_dir.iterdir() if p.name.startswith(".")]  # no temp folders left
 

@@ -21,10 +21,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightscale.callbacks import Checkpoint, RunSummary, SaveRunConfig
+from lightscale.callbacks import BestMetrics, Checkpoint, EpochStats, Provenance, RunSummary, SaveRunConfig
+from lightscale.callbacks.progress import progress_settings
+from lightscale.callbacks.requeue import SlurmRequeue
 from lightscale.errors import UserError, one_line
+from lightscale.fault_tolerance import FaultTolerance
 from lightscale.loggers import WandbLogger
+from lightscale.perf import skip_noop_batch_hooks, speed_settings
 from lightscale.run_dir import RUN_DIR_ENV, has_run_artifacts, resolve_run_dir
+from lightscale.slurm import check_srun
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 TRACEBACK_ENV = "LIGHTSCALE_TRACEBACK"
@@ -40,7 +45,7 @@ warnings.filterwarnings("ignore", message=".*set_vital.*")
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-class LightscaleCLI(LightningCLI):
+class LightscaleCLI(FaultTolerance, LightningCLI):
     """LightningCLI in subclass mode for model and data, plus a ``run`` group (name, root, dir, test)."""
 
     def __init__(self, args: Any = None, run: bool = True) -> None:
@@ -50,11 +55,21 @@ class LightscaleCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=SaveRunConfig,
-            trainer_defaults={"callbacks": [RunSummary()]},
+            trainer_defaults={
+                "callbacks": [
+                    RunSummary(),
+                    Provenance(args if isinstance(args, (list, tuple)) else None),
+                    EpochStats(),
+                    BestMetrics(),
+                    SlurmRequeue(),  # a no-op outside SLURM
+                ]
+            },
             seed_everything_default=42,
             auto_configure_optimizers=False,
             parser_kwargs={
-                "description": "lightscale: train Lightning models from a laptop to a SLURM cluster.",
+                "description": "lightscale: train Lightning models from a laptop to a SLURM cluster. "
+                "Also: `lightscale report RUN_DIR [RUN_DIR ...]` writes report.md and plots for a run, "
+                "or compares several.",
                 "exit_on_error": False,
                 **{name: {"exit_on_error": False} for name in SUBCOMMANDS},
             },
@@ -82,6 +97,12 @@ class LightscaleCLI(LightningCLI):
             default=True,
             help="After fit, test the best checkpoint when the data has a test split.",
         )
+        parser.add_argument(
+            "--run.report",
+            type=bool,
+            default=True,
+            help="At the end, write report.md and PNG plots into the run directory (see `lightscale report`).",
+        )
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -97,12 +118,17 @@ class LightscaleCLI(LightningCLI):
                 "trainer.callbacks": [
                     _spec(EarlyStopping, monitor="val/loss", mode="min", patience=8, strict=False),
                     _spec(LearningRateMonitor, logging_interval="step"),
+                    {"class_path": "lightscale.callbacks.throughput.ThroughputLogger", "init_args": {}},
                 ],
+                # The full config is logged, nested, by SaveRunConfig; Lightning's flat copy of the model and
+                # data hparams would duplicate it at the top level of the W&B config.
+                "trainer.enable_autolog_hparams": False,
                 "trainer.logger": [_spec(WandbLogger), _spec(CSVLogger, save_dir=".")],
             }
         )
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        super().add_arguments_to_parser(parser)  # FaultTolerance: run.min_free_gb, nonfinite, checkpoint cadence
 
     # ------------------------------------------------------------------ run directory
     def before_instantiate_classes(self) -> None:
@@ -148,7 +174,20 @@ class LightscaleCLI(LightningCLI):
     def after_predict(self) -> None:
         self._report_end()
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Rich progress bar in a terminal, one-line logs in batch jobs, unless the config chose."""
+        trainer_config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
+        defaults = {**progress_settings(trainer_config), **speed_settings(trainer_config)}  # perf.py: TF32, profiler
+        trainer = super().instantiate_trainer(**{**defaults, **kwargs})
+        skip_noop_batch_hooks(trainer)  # perf.py: Lightning would call every callback's empty hooks every step
+        return trainer
+
     def _report_end(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        if config.run.get("report", True) and self.trainer.is_global_zero:
+            from lightscale.report import write_report_safely  # matplotlib only when a run ends
+
+            write_report_safely(self.run_dir)
         rank_zero_info(f"lightscale: run finished; results in {self.run_dir} (summary.json, config.yaml)")
 
 
@@ -191,7 +230,17 @@ def main(args: Any = None) -> None:
 
     ``LIGHTSCALE_TRACEBACK=1`` re-raises them with the full traceback, for debugging the template itself.
     """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["report"]:  # not a Trainer subcommand: no LightningCLI
+        from lightscale.report import main as report_main
+
+        return report_main(argv[1:])
+    if isinstance(argv, (list, tuple)) and list(argv[:1]) == ["preflight"]:  # checks a config, runs no Trainer
+        from lightscale.preflight import main as preflight_main
+
+        return preflight_main(argv[1:])
     try:
+        check_srun()
         LightscaleCLI(args=args)
         _finish_wandb()
     except (ArgumentError, UserError, ValueError, OSError, MisconfigurationException) as error:

@@ -1,7 +1,24 @@
 """Lightning callbacks that the template adds to every run, or that configs can switch on."""
 
+from lightscale.callbacks.best_metrics import BestMetrics
 from lightscale.callbacks.checkpoint import Checkpoint
+from lightscale.callbacks.epoch_stats import EpochStats
+from lightscale.callbacks.line_logger import LineLogger
+from lightscale.callbacks.progress import ProgressBar
+from lightscale.callbacks.provenance import Provenance
 from lightscale.callbacks.run_summary import RunSummary
 from lightscale.callbacks.save_config import SaveRunConfig
+from lightscale.callbacks.tuning import BatchSizeFinder, LRFinder
 
-__all__ = ["Checkpoint", "RunSummary", "SaveRunConfig"]
+__all__ = [
+    "BatchSizeFinder",
+    "BestMetrics",
+    "Checkpoint",
+    "EpochStats",
+    "LRFinder",
+    "LineLogger",
+    "ProgressBar",
+    "Provenance",
+    "RunSummary",
+    "SaveRunConfig",
+]

@@ -22,6 +22,10 @@ class WandbLogger(_LightningWandbLogger):
       run directory, continues the same W&B run instead of starting a new one.
     - ``log_model`` (checkpoints as artifacts) needs online mode; elsewhere it is switched off with a warning
       rather than refusing to start.
+    - ``init_kwargs``: any other ``wandb.init`` arguments, e.g. ``{save_code: true, settings: {...}}``. They
+      are a plain dict rather than typed options because resolving ``wandb.init``'s signature makes the CLI
+      import wandb (2.2 s) for every ``--help``, ``--print_config`` or config error; now wandb is imported only
+      when the run starts (benchmarks/startup.py).
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class WandbLogger(_LightningWandbLogger):
         notes: str | None = None,
         entity: str | None = None,
         log_model: bool | Literal["all"] = False,
+        init_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         mode = mode or os.environ.get("WANDB_MODE", "offline")  # type: ignore[assignment]
@@ -49,9 +54,10 @@ class WandbLogger(_LightningWandbLogger):
         self.mode = mode
         self.run_id_file = Path(save_dir) / RUN_ID_FILE
         run_id = self.run_id_file.read_text().strip() if self.run_id_file.is_file() else secrets.token_hex(4)
-        # jsonargparse passes every wandb.init keyword it knows, mostly as None: drop those so they do not
-        # override Lightning's choices (e.g. resume="allow", which lets a requeued job continue its run).
-        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        # None means "not given": it must not override Lightning's choices (e.g. resume="allow", which lets a
+        # requeued job continue its run). Merged under a new name so jsonargparse does not follow **kwargs into
+        # Lightning's and wandb's signatures (that imports wandb at parse time).
+        init = {key: value for key, value in {**(init_kwargs or {}), **kwargs}.items() if value is not None}
         extra = {"mode": "disabled"} if mode == "disabled" else {}
         super().__init__(
             name=name or Path(save_dir).name,
@@ -66,7 +72,7 @@ class WandbLogger(_LightningWandbLogger):
             notes=notes,
             entity=entity,
             **extra,
-            **kwargs,
+            **init,
         )
 
     @property

@@ -13,7 +13,8 @@ SchedulerName = Literal["cosine", "onecycle", "constant"]
 def build_optimizer(
     name: OptimizerName, params: Iterable, lr: float, weight_decay: float, fused: bool = False
 ) -> torch.optim.Optimizer:
-    """AdamW (the default) or SGD with Nesterov momentum; ``fused`` kernels are only used on CUDA."""
+    """AdamW (the default) or SGD with Nesterov momentum; ``fused`` selects AdamW's single-kernel implementation
+    (CPU and CUDA tensors)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
     return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)

@@ -1,0 +1,218 @@
+"""Stop (or skip the step) when the loss or a gradient becomes NaN/Inf, and never checkpoint such a state.
+
+Lightning has no such guard: a NaN loss trains on silently, ``EarlyStopping(check_finite=True)`` notices only at
+the next validation, and by then ``last.ckpt`` may hold NaN weights that a resume would load.
+
+Where the check costs a host sync: branching on ``torch.isfinite`` needs the value on the host. On the CPU
+that is free (nothing runs asynchronously), so ``stop`` raises before the optimizer step and the weights stay
+finite. On a GPU, ``stop`` does not wait: the flag is copied to pinned memory asynchronously and read when it
+has arrived (normally at the next batch), and before any checkpoint is written (``on_save_checkpoint`` waits
+for all pending flags and refuses a non-finite state); so it costs no pipeline stall, at the price that the
+step which produced the NaN is applied to the weights that are then discarded. ``skip`` must decide before
+the optimizer step, so it reads the flag every step (one small device-to-host copy and sync per step).
+"""
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from jsonargparse.typing import PositiveInt
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightscale.errors import UserError
+
+Action = Literal["stop", "skip", "off"]
+
+
+class NonFiniteError(UserError):
+    """Training produced a NaN/Inf loss or gradient (the message names the global step)."""
+
+
+@dataclass
+class _Flag:
+    """One optimizer step's verdict: ``values`` = (non-finite anywhere, loss non-finite, loss), on the device, or
+    in pinned host memory being filled by an asynchronous copy that ``event`` marks as done."""
+
+    step: int
+    values: torch.Tensor
+    event: Any = None  # torch.cuda.Event while the device-to-host copy is in flight
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+    @property
+    def bad(self) -> bool:
+        return bool(self.values[0] > 0)
+
+    @property
+    def loss_bad(self) -> bool:
+        return bool(self.values[1] > 0)
+
+    @property
+    def loss(self) -> float:
+        return float(self.values[2])
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 gradients); the flag is reduced across ranks afterwards."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def nonfinite_flag(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A device bool scalar, True when any element of ``tensors`` is NaN/Inf; no host sync.
+
+    Uses the fused kernel that ``torch.amp.GradScaler`` runs every step (one launch per device and dtype
+    instead of one per tensor); it multiplies by an inverse scale of exactly 1.0, which leaves values as
+    they are.
+    """
+    found = torch.zeros(1, device=device)
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    for (tensor_device, dtype), group in groups.items():
+        if dtype in (torch.float32, torch.float16, torch.bfloat16) and tensor_device.type in ("cpu", "cuda"):
+            local_found = torch.zeros(1, device=tensor_device)
+            inv_scale = torch.ones(1, device=tensor_device)
+            torch._amp_foreach_non_finite_check_and_unscale_(group, local_found, inv_scale)
+        else:
+            local_found = torch.stack([(~torch.isfinite(t)).any() for t in group]).any().float().reshape(1)
+        found = found + local_found.to(device)
+    return found[0] > 0
+
+
+class NonFiniteGuard(L.Callback):
+    """Checks the training loss and the gradients at every optimizer step (see module docstring).
+
+    Args:
+        action: ``stop``: end the run with a one-line error naming the global step; ``skip``: drop that
+            optimizer step (no weight or optimizer-state update; the LR schedule and ``global_step`` still
+            advance, as with AMP's skipped steps), count it in ``nonfinite/skipped`` (logged and in
+            ``summary.json``) and go on; ``off``: no check.
+        max_skips: with ``skip``, stop after this many skipped steps in the run (the run is diverging).
+
+    With fp16 mixed precision, ``torch.amp.GradScaler`` already skips steps with Inf/NaN gradients (that is
+    how it finds its scale), so only the loss is checked there.
+    """
+
+    def __init__(self, action: Action = "stop", max_skips: PositiveInt = 100) -> None:
+        super().__init__()
+        self.action = action
+        self.max_skips = max_skips
+        self.skipped = 0
+        self._loss_bad: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None
+        self._pending: list[_Flag] = []
+        self._failed = False
+
+    # ---------------------------------------------------------------- state (skip count survives a resume)
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
+
+    # ---------------------------------------------------------------- checks
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        if self.action == "off":
+            return
+        loss = loss.detach()
+        bad = ~torch.isfinite(loss).all()
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad  # OR over accumulated batches
+        self._loss = loss
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.action == "off" or self._loss_bad is None:
+            return
+        loss_bad, loss = self._loss_bad, self._loss
+        self._loss_bad = self._loss = None
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = loss_bad.clone()
+        if getattr(trainer.precision_plugin, "scaler", None) is None and params:
+            bad = bad | nonfinite_flag([_local(p.grad) for p in params], loss_bad.device)
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # ranks see different losses (and, with FSDP, different gradient shards): decide together
+            flag = bad.float().reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = flag[0] > 0
+        values = torch.stack([bad.float(), loss_bad.float(), loss.float().reshape(-1)[0]])
+        if self.action == "skip" or values.device.type != "cuda":
+            flag = _Flag(trainer.global_step, values)
+            if flag.bad:  # host sync: free on the CPU, needed for skip on an accelerator
+                if self.action == "stop":
+                    self._fail(trainer, flag)
+                self._skip(trainer, optimizer, flag)
+            return
+        host = torch.empty(3, dtype=torch.float32, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append(_Flag(trainer.global_step, host, event))
+
+    def _skip(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer, flag: _Flag) -> None:
+        # gradients of None make torch optimizers leave those parameters and their state untouched
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
+        self.skipped += 1
+        what = "loss" if flag.loss_bad else "gradient"
+        rank_zero_warn(f"non-finite {what} at global step {flag.step}: step skipped ({self.skipped} so far)")
+        trainer.callback_metrics["nonfinite/skipped"] = torch.tensor(float(self.skipped))
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({"nonfinite/skipped": float(self.skipped)}, step=trainer.global_step)
+        if self.skipped > self.max_skips:
+            self._fail(trainer, flag, reason=f"more than nonfinite.max_skips={self.max_skips} skipped steps; ")
+
+    def _resolve(self, trainer: L.Trainer, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0].ready()):
+            flag = self._pending.pop(0)
+            flag.wait()
+            if flag.bad:
+                self._fail(trainer, flag)
+
+    def _fail(self, trainer: L.Trainer, flag: _Flag, reason: str = "") -> None:
+        self._failed = True
+        self._pending.clear()
+        what = "loss" if flag.loss_bad else "gradient"
+        value = f" (loss={flag.loss:g})" if flag.loss_bad else ""
+        callback = trainer.checkpoint_callback
+        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+        raise NonFiniteError(
+            f"{reason}non-finite {what} at global step {flag.step}{value}: training stopped, no checkpoint was "
+            f"written from this state (last good: {last or 'none'}). Lower the learning rate, check the data "
+            "around this step, or set --nonfinite.action skip"
+        )
+
+    # ---------------------------------------------------------------- when to look at pending flags
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._resolve(trainer, wait=False)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resolve(trainer, wait=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._resolve(trainer, wait=True)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._failed:
+            raise NonFiniteError("refusing to write a checkpoint after a non-finite loss or gradient")
+        self._resolve(trainer, wait=True)  # raises before anything is written
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, NonFiniteError):
+            # Lightning's OnExceptionCheckpoint / ModelCheckpoint(save_on_exception=True) would now save the
+            # failed state; make the trainer refuse any further checkpoint in this process.
+            def refuse(*args: Any, **kwargs: Any) -> None:
+                rank_zero_warn("not writing a checkpoint: the training state is non-finite")
+
+            trainer.save_checkpoint = refuse  # type: ignore[method-assign]

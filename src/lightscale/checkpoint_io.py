@@ -1,0 +1,204 @@
+"""Checkpoint files that a crash cannot truncate and that cannot run code when loaded.
+
+Lightning's ``TorchCheckpointIO`` serialises the whole checkpoint into memory and writes it through an fsspec
+transaction: on a local disk that is a plain write into a temporary file and a rename, without ``fsync``, so
+after a power loss or a full disk the renamed file can still be empty or short. Loading uses whatever
+``torch.load`` defaults to and surfaces a refused pickle as a many-line traceback. :class:`SafeCheckpointIO`
+adds what is missing, and the CLI installs it in every run:
+
+- **Atomic writes**: stream ``torch.save`` into a temporary file in the target's directory, flush, ``fsync``,
+  ``os.replace`` onto the target, ``fsync`` the directory. A process killed at any instant leaves either the
+  old complete file or the new complete file, plus at worst a stray ``.<name>.*.tmp`` that is never read.
+- **Safe loads**: ``torch.load(weights_only=True)`` with a short allow-list of the plain-data types that real
+  checkpoints hold (numpy arrays and scalars, paths, ``pathlib`` paths). A file that carries any
+  other pickled object, i.e. possibly code, is refused with one line naming the file and the type, never run.
+- **One-line errors**: a truncated or corrupt file raises :class:`CheckpointError` (a ``UserError``: the CLI
+  prints it as one line and exits 2).
+"""
+
+import contextlib
+import os
+import pickle
+import re
+import secrets
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from lightscale.errors import UserError
+
+TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written, read or used (names the file and what to do)."""
+
+
+def _numpy_globals() -> list[Any]:
+    """numpy arrays, scalars and dtypes: what user callbacks and DataModules commonly put into their state."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return []
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed np.core to np._core
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8)]
+    dtypes += [type(np.dtype(t)) for t in (np.uint64, np.uint32, np.uint16, np.uint8, np.bool_)]
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar, *dtypes]
+
+
+def safe_globals() -> list[Any]:
+    """The types, beyond torch's own allow-list, that a checkpoint may contain: plain data only."""
+    import pathlib
+
+    paths = [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
+    return [*paths, *_numpy_globals()]
+
+
+def _refused_global(message: str) -> str | None:
+    """The type torch's weights-only unpickler refused, from its (long, multi-line) message."""
+    match = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", message) or re.search(
+        r"but got <class '([\w.]+)'>", message
+    )
+    return match.group(1) if match else None
+
+
+def safe_load(
+    path: _PATH,
+    map_location: Any = "cpu",
+    mmap: bool = False,
+    allow: Iterable[Any] = (),
+) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with :func:`safe_globals` (plus ``allow``) allowed.
+
+    Raises :class:`CheckpointError` (one line) when the file is missing, truncated, not a checkpoint, or
+    holds pickled objects outside the allow-list.
+    """
+    path_str = str(path)
+    fs = get_filesystem(path_str)
+    if not fs.exists(path_str):
+        raise CheckpointError(f"checkpoint {path_str} does not exist")
+    if fs.isdir(path_str):
+        raise CheckpointError(f"checkpoint {path_str} is a directory (a sharded checkpoint), not a file")
+    try:
+        with torch.serialization.safe_globals([*safe_globals(), *allow]):
+            if _is_local(path_str):
+                checkpoint = torch.load(path_str, map_location=map_location, weights_only=True, mmap=mmap)
+            else:
+                with fs.open(path_str, "rb") as f:
+                    checkpoint = torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        name = _refused_global(str(error))
+        what = f"the pickled object {name!r}" if name else "pickled objects"
+        raise CheckpointError(
+            f"refused to load checkpoint {path_str}: it contains {what}, which could run code; weights-only "
+            "loading accepts tensors and plain data. Only load checkpoints you trust (a trusted file can be "
+            "converted with torch.load(weights_only=False) and re-saved as plain data)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"checkpoint {path_str} is truncated or corrupt ({reason}); delete it or resume from another one"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(
+            f"{path_str} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, not a dict)"
+        )
+    return checkpoint
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename: the directory entry lives in the directory's own inode."""
+    with contextlib.suppress(OSError):  # some filesystems (and Windows) cannot open a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_save(checkpoint: Any, path: _PATH, save_fn: Callable[[Any, Any], None] | None = None) -> None:
+    """Write ``checkpoint`` to ``path`` so that ``path`` is, at every instant, either the old file or the new
+    complete one: temporary file in the same directory, ``flush`` + ``fsync``, ``os.replace``, directory
+    ``fsync``. On any error (disk full, ...) the temporary file is removed and the old file is untouched."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_name = str(target.parent / f".{target.name}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask, like a plain open()
+    try:
+        with os.fdopen(fd, "wb") as f:
+            (save_fn or torch.save)(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(target.parent)
+
+
+def remove_stale_temporaries(directory: _PATH) -> list[Path]:
+    """Delete temporary files left by a process killed mid-write (``.<name>.<random>.tmp``)."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for tmp in directory.glob(f".*{TMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` plugin: atomic, fsync'd saves and weights-only loads (see module docstring).
+
+    Args:
+        allow: extra types a trusted checkpoint of yours needs beyond tensors and plain data (objects or
+            ``"module.Name"`` strings), e.g. a custom dataclass stored by a callback.
+    """
+
+    def __init__(self, allow: list[str] | None = None) -> None:
+        super().__init__()
+        self.allow = list(allow or [])
+
+    def _allowed(self) -> list[Any]:
+        objects = []
+        for item in self.allow:
+            if isinstance(item, str):
+                module, _, name = item.rpartition(".")
+                objects.append(getattr(__import__(module, fromlist=[name]), name))
+            else:
+                objects.append(item)
+        return objects
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local(str(path)):
+            return super().save_checkpoint(checkpoint, path, storage_options)  # remote: fsspec's transaction
+        try:
+            atomic_save(checkpoint, str(path).removeprefix("file://"))
+        except OSError as error:
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {error.strerror or error}; the previous checkpoint is intact "
+                "(free disk space or point run.root at another disk)"
+            ) from None
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Any | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if weights_only is False:
+            # Lightning passes False only when the caller asked for it explicitly (trusted file).
+            return super().load_checkpoint(path, map_location=map_location, weights_only=False)
+        return safe_load(path, map_location=map_location, allow=self._allowed())

@@ -1,0 +1,158 @@
+"""Pre-flight checks, run by the CLI before anything is built: mistakes that would otherwise surface minutes
+later, deep in a traceback, or not at all (a precision silently replaced, a full disk at the first checkpoint).
+
+Each failure is a :class:`~lightscale.errors.UserError`: one line naming the setting, what is wrong and what
+to do; the CLI exits with code 2 before creating the run directory, so existing runs are untouched.
+"""
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightscale.errors import UserError
+
+GPU_ONLY_PRECISIONS = ("16", "16-mixed", "16-true", "transformer-engine", "transformer-engine-float16")
+_SECRET_KEY = re.compile(r"(^|[_.-])(api[_-]?key|apikey|secret|password|passwd|auth[_-]?token|access[_-]?token)$", re.I)
+SECRET_ENV = ("WANDB_API_KEY",)
+
+
+def _value(item: Any) -> Any:
+    """A config value that may be a class_path namespace (e.g. ``trainer.accelerator``)."""
+    return getattr(item, "class_path", item) if item is not None and not isinstance(item, (str, int, list)) else item
+
+
+def externally_launched() -> bool:
+    """Whether SLURM (``srun`` with several tasks) or torchrun started this process as one of several ranks."""
+    return int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def requested_devices(devices: Any, available: int) -> int | None:
+    """Number of devices a ``trainer.devices`` value asks for (``None`` for auto / all)."""
+    if devices is None or devices in ("auto", -1, "-1"):
+        return None
+    if isinstance(devices, int):
+        return devices
+    if isinstance(devices, (list, tuple)):
+        return max(len(devices), max((int(d) + 1 for d in devices), default=0))
+    text = str(devices).strip()
+    if text.lstrip("-").isdigit():
+        return None if int(text) == -1 else int(text)
+    ids = [int(d) for d in text.split(",") if d.strip()]  # "0,1" selects GPUs by index
+    return max(len(ids), max((i + 1 for i in ids), default=0))
+
+
+def uses_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def check_devices(trainer: Any) -> None:
+    accelerator = str(_value(trainer.get("accelerator")) or "auto").lower()
+    devices = trainer.get("devices", "auto")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible (torch.cuda.is_available() is False): "
+            "use --trainer.accelerator cpu, or run on a GPU machine with a CUDA build of torch"
+        )
+    if uses_gpu(accelerator):
+        available, kind = torch.cuda.device_count(), "GPU(s)"
+    elif accelerator in ("cpu", "auto") and not externally_launched():
+        available, kind = os.cpu_count() or 1, "CPU core(s)"
+    else:
+        return  # mps, tpu, custom accelerators (Lightning checks them); srun/torchrun start one process per device
+    wanted = requested_devices(devices, available)
+    if wanted is not None and wanted > available:
+        raise UserError(
+            f"trainer.devices={devices} asks for {wanted} {kind.split('(')[0]} device(s), but this machine has "
+            f"{available} {kind}: lower --trainer.devices (or use auto)"
+        )
+
+
+def check_precision(trainer: Any) -> None:
+    precision = str(trainer.get("precision") or "32-true")
+    accelerator = str(_value(trainer.get("accelerator")) or "auto").lower()
+    if uses_gpu(accelerator):
+        if precision.startswith("bf16") and not torch.cuda.is_bf16_supported():
+            raise UserError(
+                f"trainer.precision={precision} needs a GPU with bfloat16 support (Ampere or newer); this GPU has "
+                "none: use --trainer.precision 16-mixed"
+            )
+        return
+    if accelerator not in ("cpu", "auto"):
+        return
+    if precision in GPU_ONLY_PRECISIONS:
+        raise UserError(
+            f"trainer.precision={precision} is for CUDA GPUs (float16 / FP8 kernels), but this run uses the CPU: "
+            "use --trainer.precision bf16-mixed or 32-true"
+        )
+    if precision.startswith("bf16"):
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16)
+            (a @ a).sum().item()
+        except RuntimeError:
+            raise UserError(
+                f"trainer.precision={precision}: this CPU or torch build cannot compute in bfloat16: "
+                "use --trainer.precision 32-true"
+            ) from None
+
+
+def check_output_dir(run_dir: Path, min_free_gb: float) -> None:
+    """The run directory can be created and written, and its disk has ``min_free_gb`` free."""
+    existing = Path(os.path.abspath(run_dir))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(
+            f"cannot create the run directory {run_dir}: {existing} is a file, not a directory "
+            "(choose another --run.root or --run.dir)"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".lightscale-write-test-"):
+            pass
+    except OSError as error:
+        raise UserError(
+            f"cannot write the run directory {run_dir}: {existing} is not writable ({error.strerror or error}); "
+            "choose another --run.root or fix the permissions"
+        ) from None
+    free_gb = shutil.disk_usage(existing).free / 1e9
+    if free_gb < min_free_gb:
+        raise UserError(
+            f"only {free_gb:.2f} GB free on the disk of {existing}, less than run.min_free_gb={min_free_gb:g}: "
+            "free some space, point --run.root at another disk, or lower --run.min_free_gb"
+        )
+
+
+def _walk(item: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(item, dict):
+        for key, value in item.items():
+            yield from _walk(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(item, (list, tuple)):
+        for index, value in enumerate(item):
+            yield from _walk(value, f"{path}[{index}]")
+    else:
+        yield path, item
+
+
+def check_no_secrets(config: dict[str, Any]) -> None:
+    """Configs are saved with every run (config.yaml, W&B, checkpoints): refuse one that holds a credential."""
+    secrets = [os.environ[name] for name in SECRET_ENV if len(os.environ.get(name, "")) >= 8]
+    for key, value in _walk(config):
+        leaf = key.rsplit(".", 1)[-1].split("[", 1)[0]
+        holds_secret = isinstance(value, str) and value and _SECRET_KEY.search(leaf)
+        if holds_secret or (isinstance(value, str) and any(secret in value for secret in secrets)):
+            raise UserError(
+                f"{key}: configs are saved with the run, so they must not hold credentials; set WANDB_API_KEY in "
+                "the environment or run `wandb login` (stored in ~/.netrc) instead"
+            )
+
+
+def check_config(config: Any) -> None:
+    """The checks that need only the parsed config of one subcommand (a jsonargparse Namespace)."""
+    check_devices(config.trainer)
+    check_precision(config.trainer)
+    check_no_secrets(config.as_dict() if hasattr(config, "as_dict") else dict(config))

@@ -1,0 +1,57 @@
+"""Models and data that fail on purpose, loaded by the CLI through their class paths (``helpers.faults.X``)."""
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightscale.data import DigitsDataModule
+from lightscale.data.tensor_dataset import BatchedTensorDataset
+from lightscale.models import Classifier
+
+
+class NaNClassifier(Classifier):
+    """The digits classifier whose loss is NaN at the given global steps (or whose gradient is, with
+    ``nan_in="gradient"``)."""
+
+    def __init__(self, nan_at_steps: list[int] | None = None, nan_in: str = "loss", **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.nan_at_steps = set(nan_at_steps or [])
+        self.nan_in = nan_in
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step in self.nan_at_steps and self.nan_in == "loss":
+            loss = loss * float("nan")
+        return loss
+
+    def on_after_backward(self) -> None:
+        if self.global_step in self.nan_at_steps and self.nan_in == "gradient":
+            next(self.parameters()).grad.view(-1)[0] = float("inf")
+
+
+class Float64Digits(DigitsDataModule):
+    """A user's dataset mistake: images as float64 (the model's weights are float32)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        for name, split in self.splits.items():
+            images, labels = split.tensors
+            self.splits[name] = BatchedTensorDataset(images.double(), labels)
+
+
+class BadLabelDigits(DigitsDataModule):
+    """Another: labels outside the classes the model has (0..9)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        for name, split in self.splits.items():
+            images, labels = split.tensors
+            self.splits[name] = BatchedTensorDataset(images, labels + 10)
+
+
+class ArrayState(Callback):
+    """A callback whose checkpoint state holds numpy data (allowed by the safe loader)."""
+
+    def state_dict(self) -> dict:
+        import numpy as np
+
+        return {"history": np.arange(3, dtype=np.float32), "best": np.float64(0.5)}
