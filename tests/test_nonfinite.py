@@ -14,10 +14,11 @@ from lightscale.checkpoint_io import safe_load
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 CSV = str(CONFIGS / "logger" / "csv.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-# 20 steps per epoch (64 per batch); last.ckpt every 2 steps, so a checkpoint falls right before the NaN
+# 12 steps; last.ckpt every 2 steps, so a checkpoint falls right before the NaN
 BASE = [
     "fit", "--config", DIGITS, "--config", CSV, *QUIET, "--run.test_after_fit", "false", "--run.report", "false",
     "--model", "helpers.faults.NaNClassifier", "--trainer.max_epochs", "1", "--checkpoint.last_every_n_steps", "2",
+    "--trainer.limit_train_batches", "12", "--trainer.limit_val_batches", "2",
 ]  # fmt: skip
 
 
@@ -55,11 +56,11 @@ def test_skip_mode_drops_the_steps_counts_them_and_finishes() -> None:
     assert run_cli(*BASE, "--model.nan_at_steps", "[3,11]", "--nonfinite.action", "skip") == 0
     (run_dir,) = run_dirs()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["global_step"] == 20 and summary["fit_metrics"]["nonfinite/skipped"] == 2.0
+    assert summary["global_step"] == 12 and summary["fit_metrics"]["nonfinite/skipped"] == 2.0
     last = safe_load(run_dir / "checkpoints" / "last.ckpt")
     assert all_finite(last)
     adam_steps = {float(s["step"]) for s in last["optimizer_states"][0]["state"].values()}
-    assert adam_steps == {18.0}  # 20 optimizer steps, 2 skipped: AdamW never saw them
+    assert adam_steps == {10.0}  # 12 optimizer steps, 2 skipped: AdamW never saw them
     assert last["callbacks"]["NonFiniteGuard"] == {"skipped": 2}  # the count survives a resume
 
 

@@ -29,6 +29,7 @@ from lightscale.callbacks import Checkpoint
 from lightscale.callbacks.exact_resume import ExactResume
 from lightscale.checkpoint_io import SafeCheckpointIO
 from lightscale.data import DigitsDataModule
+from lightscale.data.worker_rng import WorkerRNG
 from lightscale.models import Classifier
 from lightscale.resume import find_candidates, resolve_resume_path
 
@@ -309,3 +310,44 @@ def test_last_checkpoint_is_refreshed_every_m_minutes(tmp_path: Path, monkeypatc
     )  # fmt: skip
     trainer.fit(WorseningModel())
     assert saved_steps == [3, 6, 9, 10]  # every 3 minutes of training, and at the end of the epoch
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Random 'augmentation' drawn in the DataLoader worker from its global generators."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        return torch.tensor([index, torch.rand(()).item(), np.random.rand(), random.random()])
+
+
+class ResumableAugmented(WorkerRNG, Augmented):
+    pass
+
+
+@pytest.mark.parametrize("dataset_class", [ResumableAugmented, Augmented])
+def test_worker_random_streams_resume_exactly_with_worker_rng(dataset_class: type) -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader() -> StatefulDataLoader:
+        torch.manual_seed(0)
+        return StatefulDataLoader(dataset_class(), batch_size=4, shuffle=True, num_workers=2)
+
+    first = loader()
+    iterator = iter(first)
+    for _ in range(5):
+        next(iterator)
+    state = first.state_dict()
+    expected = [next(iterator) for _ in range(6)]
+    resumed = loader()
+    resumed.load_state_dict(state)
+    iterator = iter(resumed)
+    got = [next(iterator) for _ in range(6)]
+    assert all(torch.equal(a[:, 0], b[:, 0]) for a, b in zip(expected, got, strict=True))  # same samples
+    same_draws = all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    assert same_draws is (dataset_class is ResumableAugmented)  # without WorkerRNG the workers start over
