@@ -305,3 +305,18 @@ def test_online_mode_uploads_best_and_last_checkpoints_as_aliased_artifacts(
     assert uploaded == [(Path(checkpoint.best_model_path).name, ["latest", "best"]), ("last.ckpt", ["latest"])]
     assert {name for name, _, _ in run.artifacts} == {"model-fakeid01"}
     assert run.summary["best/val/loss"] == pytest.approx(float(checkpoint.best_model_score))
+
+
+def test_runs_after_a_change_of_directory_still_write_their_wandb_file(tmp_path, monkeypatch):
+    """wandb's service outlives a run and keeps its own working directory: relative run dirs must not reach it."""
+    from lightscale.loggers import WandbLogger
+
+    for index, step in enumerate(("first", "second")):
+        work = tmp_path / step
+        (work / "run").mkdir(parents=True)
+        monkeypatch.chdir(work)
+        logger = WandbLogger(project="lightscale-tests", save_dir="run", mode="offline")
+        logger.log_metrics({"value": float(index)}, step=0)
+        logger.experiment.finish()
+        (offline,) = find_offline_runs(work / "run")
+        assert read_offline_run(offline).history[0]["value"] == index

@@ -61,7 +61,9 @@ class WandbLogger(_LightningWandbLogger):
         extra = {"mode": "disabled"} if mode == "disabled" else {}
         super().__init__(
             name=name or Path(save_dir).name,
-            save_dir=save_dir,
+            # Absolute: wandb's long-lived service process resolves a relative dir against its own working
+            # directory, so a second run in the same process after a chdir would write its .wandb file nowhere.
+            save_dir=str(Path(save_dir).absolute()),
             id=run_id,
             offline=mode == "offline",
             project=project,
