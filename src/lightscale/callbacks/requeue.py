@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 
 TMP_NAME = ".requeue.ckpt.tmp"  # must not contain "hpc_ckpt_": Lightning and resume.py count those
 REQUEUE_REASONS = ("TimeLimit", "Preempt")  # a SIGTERM for these requeues; for a plain scancel it does not
@@ -120,12 +121,25 @@ class SlurmRequeue(Callback):
         strategy.barrier("SlurmRequeue.saved")
         requeued = False
         if trainer.is_global_zero:
+            _close_wandb_runs(trainer)
             requeued = _requeue(sigterm=got_sigterm)
         requeued = strategy.broadcast(requeued, src=0)
         if requeued or got_sigterm:
             _say(trainer, "job requeued; exiting" if requeued else "SIGTERM: checkpoint saved; exiting")
             raise JobRequeued(0)
         self.signum = None  # USR1 without a possible requeue: keep training until the time limit
+
+
+def _close_wandb_runs(trainer: L.Trainer) -> None:
+    """Finish the W&B run, marked as preempted, before asking for the requeue: ``scontrol requeue`` ends every
+    process of the job, wandb's service among them, and an offline run it had not flushed loses its records.
+    A run that goes on (requeue refused) reopens the same W&B run (same id) at its next log call."""
+    for logger in trainer.loggers:
+        run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
+        if run is not None and hasattr(run, "finish"):
+            run.mark_preempting()
+            run.finish()
+            logger._experiment = None
 
 
 def _name(signum: int | None) -> str:

@@ -23,6 +23,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightscale.models.hook_state import FastHookState
 from lightscale.models.optim import warmup_cosine
 from lightscale.nets.gpt import GPT, GPTConfig
 
@@ -59,7 +60,7 @@ def _eager() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
-class CausalLM(L.LightningModule):
+class CausalLM(FastHookState, L.LightningModule):
     """Trains a GPT to predict the next token; ``vocab_size`` is linked from the DataModule by the CLI.
 
     Batches are int64 tensors of shape (batch, block_size + 1): inputs are ``batch[:, :-1]``, targets

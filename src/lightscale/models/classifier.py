@@ -15,6 +15,7 @@ from jsonargparse.typing import (
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+from lightscale.models.hook_state import FastHookState
 from lightscale.models.optim import OptimizerName, SchedulerName, build_optimizer, build_scheduler
 from lightscale.nets import SmallCNN
 
@@ -33,7 +34,7 @@ def accuracy_and_macro_f1(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.
     return accuracy.float(), macro.float()
 
 
-class Classifier(L.LightningModule):
+class Classifier(FastHookState, L.LightningModule):
     """Trains :class:`~lightscale.nets.SmallCNN`; ``num_classes`` is linked from the DataModule by the CLI.
 
     Metrics are torchmetrics objects logged directly, so under DDP their state is reduced across ranks
