@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightscale.hardware import cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 SKIPPED_NO_CUDA = "skipped: no CUDA device"
 
@@ -100,16 +102,6 @@ def load_average() -> tuple[float, float, float]:
         return (float("nan"),) * 3
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict[str, Any]:
     """What the figures were measured on (no heavy imports: versions come from package metadata)."""
     from importlib import metadata
@@ -123,7 +115,7 @@ def machine() -> dict[str, Any]:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "date": datetime.date.today().isoformat(),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": affinity,
         "python": platform.python_version(),

@@ -28,6 +28,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightscale.hardware import cpu_name
+
 #: Provenance key -> environment variable of the SLURM job the run is part of.
 SLURM_VARS = {
     "job_id": "SLURM_JOB_ID",
@@ -112,22 +114,12 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def hardware_info(trainer: L.Trainer | None = None) -> dict[str, Any]:
     """Host, CPU and GPU names (this node), and how the Trainer uses them."""
     info: dict[str, Any] = {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "gpus": [],
     }
