@@ -14,11 +14,11 @@ from lightscale.checkpoint_io import safe_load
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 CSV = str(CONFIGS / "logger" / "csv.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-# 12 steps; last.ckpt every 2 steps, so a checkpoint falls right before the NaN
+# 12 steps of 64 images; last.ckpt every 2 steps, so a checkpoint falls right before the NaN
 BASE = [
     "fit", "--config", DIGITS, "--config", CSV, *QUIET, "--run.test_after_fit", "false", "--run.report", "false",
     "--model", "helpers.faults.NaNClassifier", "--trainer.max_epochs", "1", "--checkpoint.last_every_n_steps", "2",
-    "--trainer.limit_train_batches", "12", "--trainer.limit_val_batches", "2",
+    "--trainer.limit_train_batches", "12", "--trainer.limit_val_batches", "2", "--data.batch_size", "64",
 ]  # fmt: skip
 
 
@@ -91,3 +91,35 @@ def test_a_pending_non_finite_flag_blocks_the_next_checkpoint() -> None:
         guard.on_save_checkpoint(trainer, None, {})
     with pytest.raises(NonFiniteError, match="refusing to write a checkpoint"):
         guard.on_save_checkpoint(trainer, None, {})
+
+
+@pytest.mark.parametrize("loss_shape", [(), (2,)], ids=["host-read path", "device-flag path"])
+def test_both_verdict_paths_stop_and_skip_on_a_non_finite_gradient(loss_shape: tuple[int, ...]) -> None:
+    """A scalar loss on the CPU takes the guard's host-read path; any other loss (or an accelerator, or DDP)
+    the device-flag path. Both must see a NaN gradient, name the step, and skip by dropping the gradients."""
+    from types import SimpleNamespace
+
+    from lightscale.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
+
+    def trainer() -> SimpleNamespace:
+        return SimpleNamespace(
+            precision_plugin=SimpleNamespace(), world_size=1, global_step=9, checkpoint_callback=None,
+            callback_metrics={}, is_global_zero=True, loggers=[],
+        )  # fmt: skip
+
+    def step(guard: NonFiniteGuard, grad_value: float) -> torch.optim.Optimizer:
+        weight = torch.nn.Parameter(torch.ones(3))
+        weight.grad = torch.full((3,), grad_value)
+        optimizer = torch.optim.SGD([weight], lr=0.1)
+        guard.on_before_backward(trainer(), None, torch.ones(loss_shape))
+        guard.on_before_optimizer_step(trainer(), None, optimizer)
+        return optimizer
+
+    finite = step(NonFiniteGuard("stop"), 1.0)
+    assert finite.param_groups[0]["params"][0].grad is not None  # a finite step goes ahead untouched
+    with pytest.raises(NonFiniteError, match="non-finite gradient at global step 9"):
+        step(NonFiniteGuard("stop"), float("nan"))
+    guard = NonFiniteGuard("skip")
+    with pytest.warns(UserWarning, match="step skipped"):
+        skipped = step(guard, float("inf"))
+    assert skipped.param_groups[0]["params"][0].grad is None and guard.skipped == 1

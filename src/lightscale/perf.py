@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.utilities.data import extract_batch_size
 
 _NULL_CONTEXT = contextlib.nullcontext()
 
@@ -80,3 +81,15 @@ def skip_noop_batch_hooks(trainer: Trainer) -> int:
                 setattr(callback, name, None)
                 skipped += 1
     return skipped
+
+
+def batch_size_of(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of the batch tensor or of the first tensor of a tuple/list.
+
+    Lightning's ``extract_batch_size`` walks the whole collection (~11 us on a 2-core CPU); the callbacks that
+    count samples call this once per batch and fall back to it for other shapes of batch (dicts, nesting).
+    """
+    first = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(first, torch.Tensor) and first.ndim > 0:
+        return first.shape[0]
+    return extract_batch_size(batch)

@@ -128,8 +128,11 @@ class Checkpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._can_save(trainer) and self._refresh_due(trainer):
+        # ModelCheckpoint's own per-step cadences; with neither set its hook only returns (~20 us per step)
+        if self._every_n_train_steps >= 1 or self._train_time_interval is not None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        refresh = self.last_every_n_steps is not None or self.last_every_minutes is not None
+        if refresh and self._refresh_due(trainer) and self._can_save(trainer):
             self._write_last(trainer)
 
     def _write_last(self, trainer: L.Trainer) -> None:

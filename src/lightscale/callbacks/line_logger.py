@@ -18,7 +18,8 @@ import lightning as L
 import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.data import extract_batch_size
+
+from lightscale.perf import batch_size_of
 
 
 def _fmt(value: float) -> str:
@@ -67,7 +68,7 @@ class LineLogger(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._samples += extract_batch_size(batch)
+        self._samples += batch_size_of(batch)
         step = trainer.global_step
         every = self.every_n_steps or trainer.log_every_n_steps or 50
         if step == self._last_step or step % every:

@@ -10,7 +10,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities.data import extract_batch_size
+
+from lightscale.perf import batch_size_of
 
 
 def _plain(value: Any) -> Any:
@@ -48,7 +49,7 @@ class RunSummary(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self.samples += extract_batch_size(batch)
+        self.samples += batch_size_of(batch)
         self.last_batch = time.perf_counter()
 
     def summary(self, trainer: L.Trainer, stage: str) -> dict[str, Any]:

@@ -54,7 +54,8 @@ class ThroughputLogger(L.Callback):
 
     Tokens and FLOPs come from the LightningModule when it offers ``tokens_in_batch(batch)`` and
     ``flops_per_token(seq_len)`` (:class:`~lightscale.models.causal_lm.CausalLM` does), else a
-    ``flops_per_batch`` attribute (Lightning's convention); samples are the batch's leading dimension.
+    ``flops_per_batch`` attribute (Lightning's convention), looked up when training starts; samples are the
+    batch's leading dimension.
     Time spent in validation is excluded. Figures assume identical devices (total = device x world size).
 
     Args:
@@ -69,6 +70,9 @@ class ThroughputLogger(L.Callback):
         self.window = window
         self.peak_flops = peak_flops
         self.summary: dict[str, float] = {}
+        self._tokens_in_batch: Any = None
+        self._flops_per_token: Any = None
+        self._flops_per_batch: float | None = None
         self._reset(step=0)
 
     def _reset(self, step: int) -> None:
@@ -89,18 +93,22 @@ class ThroughputLogger(L.Callback):
         self._tracker.reset()
         self._reset(step=trainer.global_step)
         self.summary = {}
+        # looked up once, not per batch: a missing attribute of an nn.Module costs ~10 us to find missing
+        tokens_fn, flops_fn = getattr(pl_module, "tokens_in_batch", None), getattr(pl_module, "flops_per_token", None)
+        flops_per_batch = getattr(pl_module, "flops_per_batch", None)
+        self._tokens_in_batch = tokens_fn if callable(tokens_fn) else None
+        self._flops_per_token = flops_fn if callable(flops_fn) else None
+        self._flops_per_batch = flops_per_batch if isinstance(flops_per_batch, (int, float)) else None
 
-    def _count(self, pl_module: L.LightningModule, batch: Any) -> None:
+    def _count(self, batch: Any) -> None:
         first = batch[0] if isinstance(batch, (tuple, list)) else batch
         samples = int(first.shape[0]) if hasattr(first, "shape") else 1
-        tokens_fn = getattr(pl_module, "tokens_in_batch", None)
-        tokens = int(tokens_fn(batch)) if callable(tokens_fn) else 0
-        flops_fn = getattr(pl_module, "flops_per_token", None)
-        if callable(flops_fn) and tokens:
+        tokens = int(self._tokens_in_batch(batch)) if self._tokens_in_batch is not None else 0
+        if self._flops_per_token is not None and tokens:
             seq_len = first.shape[1] - 1 if first.ndim == 2 else None
-            self._flops += tokens * flops_fn(seq_len)
-        elif isinstance(getattr(pl_module, "flops_per_batch", None), (int, float)):
-            self._flops += pl_module.flops_per_batch
+            self._flops += tokens * self._flops_per_token(seq_len)
+        elif self._flops_per_batch is not None:
+            self._flops += self._flops_per_batch
         self._batches += 1
         self._samples += samples
         self._tokens += tokens
@@ -113,7 +121,7 @@ class ThroughputLogger(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._count(pl_module, batch)
+        self._count(batch)
         step, every = trainer.global_step, trainer.log_every_n_steps
         if step == self._last_step or not every or step % every:  # accumulating, or not a logging step
             return
