@@ -95,6 +95,7 @@ def digits_case(quick: bool) -> Case:
         "configs/experiment/digits.yaml",
         ["--trainer.max_epochs", str(epochs)],
         plain_digits,
+        rounds=7,  # short steps: more rounds, so a few seconds of a noisy neighbour cannot decide the median
     )
 
 
@@ -495,7 +496,7 @@ def run_case(case: Case, rounds: int, seed: int, extra: list[str]) -> tuple[list
 def main() -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--case", choices=["digits", "gpt", "gpu", "gpu-smoke", "all"], default="all")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5, GPT 3; quick 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (digits 7, GPT 3; quick 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in both arms")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--progress-bar", choices=["default", "on", "off"], default="default")

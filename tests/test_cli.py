@@ -80,7 +80,7 @@ def test_print_config_shows_the_resolved_config(capsys: pytest.CaptureFixture[st
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["model"]["init_args"]["lr"] == 0.005
     assert resolved["run"]["name"] == "digits"
-    assert resolved["trainer"]["max_epochs"] == 20
+    assert resolved["trainer"]["max_epochs"] == 30
     assert not Path("runs").exists()  # printing the config creates no run
 
 

@@ -108,7 +108,7 @@ def test_batch_size_finder_applies_its_result_and_records_it(tmp_path: Path) -> 
     run_dir = the_run()
     result = json.loads((run_dir / "tuning.json").read_text())["batch_size_find"]
     # On a CPU nothing runs out of memory: the search stops once a batch holds the whole train split.
-    assert result["original_batch_size"] == 64 and result["batch_size"] == 2048
+    assert result["original_batch_size"] == 128 and result["batch_size"] == 2048
     data = DigitsDataModule()
     data.setup()
     summary = json.loads((run_dir / "summary.json").read_text())

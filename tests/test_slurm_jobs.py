@@ -92,7 +92,7 @@ def test_one_node_two_tasks_matches_single_process(slurm_cluster: SlurmCluster, 
     """`sbatch --wait slurm/train.sbatch` with 2 tasks: both ranks train, one run dir, one W&B run, and the
     test metrics of the DDP job equal a single process evaluating the same checkpoint on the same data."""
     env = job_env(slurm_cluster)
-    args = [DIGITS, "--config", CPU, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6", *QUIET, *PROBE]
+    args = [DIGITS, "--config", CPU, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", *QUIET, *PROBE]
     job, rc = sbatch_wait(
         TRAIN, args, env=env, cwd=tmp_path, timeout=240, options=["--ntasks-per-node=2", *CPU_RESOURCES]
     )
@@ -105,7 +105,7 @@ def test_one_node_two_tasks_matches_single_process(slurm_cluster: SlurmCluster, 
     assert_same_weights(weights[0]["weights"], weights[1]["weights"])
     one_wandb_run(run_dir)
     ddp = summary(run_dir)
-    assert ddp["world_size"] == 2 and ddp["global_step"] == 12  # 2 epochs x 6 batches per rank
+    assert ddp["world_size"] == 2 and ddp["global_step"] == 8  # 2 epochs x 4 batches per rank
 
     # 270 test images split 135/135 over the ranks (no DistributedSampler padding), so the DDP-synced
     # torchmetrics and the rank-averaged loss must equal one process on the same checkpoint.
@@ -127,7 +127,7 @@ def test_one_node_two_tasks_matches_single_process(slurm_cluster: SlurmCluster, 
 def test_two_nodes_two_tasks_agree(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     env = job_env(slurm_cluster)
     args = [
-        DIGITS, "--config", CPU, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
+        DIGITS, "--config", CPU, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
         "--run.test_after_fit", "false", *QUIET, *PROBE,
     ]  # fmt: skip
     options = ["--nodes=2", "--ntasks-per-node=2", *CPU_RESOURCES]
@@ -139,7 +139,7 @@ def test_two_nodes_two_tasks_agree(slurm_cluster: SlurmCluster, tmp_path: Path) 
     assert len(weights) == 4 and {w["world_size"] for w in weights} == {4}
     for other in weights[1:]:
         assert_same_weights(weights[0]["weights"], other["weights"])
-    assert summary(run_dir)["global_step"] == 4
+    assert summary(run_dir)["global_step"] == 3  # 1259 images / 4 ranks / 128 per batch: 3 batches each
     start = json.loads((run_dir / "slurm-starts.jsonl").read_text().splitlines()[0])
     assert start["num_nodes"] == "2" and start["ntasks"] == "4" and start["nodes"] == "n[1-2]"
     one_wandb_run(run_dir)
@@ -157,7 +157,7 @@ def test_usr1_requeues_and_resumes_exactly(slurm_cluster: SlurmCluster, tmp_path
     args = [
         DIGITS, "--config", CPU, "--data", "helpers.probe.DistributedDigits", "--trainer.max_epochs", "3",
         "--trainer.limit_train_batches", "10", "--trainer.limit_val_batches", "2", "--run.test_after_fit", "false",
-        *QUIET, *PROBE, "--trainer.callbacks.step_delay", "0.3",
+        "--data.batch_size", "64", *QUIET, *PROBE, "--trainer.callbacks.step_delay", "0.3",
     ]  # fmt: skip
     options = ["--ntasks-per-node=2", *CPU_RESOURCES]
     results: dict[str, Any] = {}

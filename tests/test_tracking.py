@@ -108,7 +108,7 @@ def _csv_column(path: Path, key: str) -> list[tuple[int, float]]:
 def test_wandb_config_is_the_full_nested_config(tracked: Tracked) -> None:
     config = tracked.wandb.config
     assert config["model"]["init_args"]["lr"] == 0.003
-    assert config["data"]["init_args"]["batch_size"] == 64
+    assert config["data"]["init_args"]["batch_size"] == 128
     assert config["trainer"]["max_epochs"] == EPOCHS
     assert config["checkpoint"]["monitor"] == "val/loss"
     saved = yaml.safe_load((tracked.run_dir / "config.yaml").read_text())
