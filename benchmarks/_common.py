@@ -138,6 +138,9 @@ def setup_quiet() -> None:
     os.environ.pop("LIGHTSCALE_RUN_DIR", None)
     import warnings
 
+    from lightscale.cli import silence_dependency_chatter
+
+    silence_dependency_chatter()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*args parameter is intended to run from within Python.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import setup_quiet
+
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLD = 1.89
 NANOGPT_VAL_LOSS = 1.88
@@ -54,8 +56,6 @@ def main() -> int:
         print(f"skipped: corpus not found ({corpus}; set LIGHTSCALE_SHAKESPEARE)")
         return 0
 
-    import warnings
-
     import lightning as L
 
     from lightscale.data.text import TextDataModule, token_dtype
@@ -64,8 +64,7 @@ def main() -> int:
     class NanoGPTRecipe(CausalLM):
         decay_embeddings = True  # nanoGPT decays every parameter with >= 2 dims
 
-    for chatter in (".*LeafSpec.*", ".*set_vital.*"):  # dependency deprecations, filtered as in cli.py
-        warnings.filterwarnings("ignore", message=chatter)
+    setup_quiet()
     seed = int(sys.argv[1]) if len(sys.argv) > 1 else 1337
     start = time.perf_counter()
     L.seed_everything(seed, verbose=False)

@@ -40,9 +40,14 @@ TRACEBACK_ENV = "LIGHTSCALE_TRACEBACK"
 yaml.SafeDumper.add_multi_representer(float, yaml.SafeDumper.represent_float)
 yaml.SafeDumper.add_multi_representer(int, yaml.SafeDumper.represent_int)
 
-# Deprecation chatter from dependencies that users cannot act on.
-warnings.filterwarnings("ignore", message=".*set_vital.*")
-warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+def silence_dependency_chatter() -> None:
+    """Hide deprecation warnings that come from inside torch and Lightning: users cannot act on them."""
+    for message in (".*set_vital.*", ".*LeafSpec.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+silence_dependency_chatter()
 
 
 class LightscaleCLI(FaultTolerance, LightningCLI):
