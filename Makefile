@@ -60,10 +60,8 @@ sync: $(STAMP) ## Upload every offline W&B run under runs/ (needs `wandb login` 
 	if [ -z "$$runs" ]; then echo "no offline W&B runs under runs/"; \
 	else $(BIN)/wandb sync --yes $$runs; fi
 
-report: $(STAMP) ## Write report.md + plots for RUN (default: the newest run); RUN="dir1 dir2" compares
-	@run="$(RUN)"; [ -n "$$run" ] || run="$$(ls -td runs/*/*/ 2>/dev/null | head -1)"; \
-	if [ -z "$$run" ]; then echo "no runs under runs/"; exit 1; fi; \
-	$(BIN)/python -m lightscale.report $$run
+report: $(STAMP) ## Write report.md + plots for RUN (default: the newest run with results); RUN="dir1 dir2" compares
+	$(BIN)/python -m lightscale.report $(RUN)
 
 preflight: $(STAMP) ## Check a SLURM job before it queues (CONFIG=..., RESOURCES="--nodes=2 --ntasks-per-node=4 --gpus-per-node=4")
 	$(BIN)/lightscale preflight --sbatch slurm/train.sbatch --from-slurm $(RESOURCES) --config $(CONFIG) $(ARGS)

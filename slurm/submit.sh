@@ -19,12 +19,12 @@ SWEEP=""
 SBATCH_OPTS=()
 RESOURCES=()
 usage() {
-    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-    exit 2
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}" >&2
+    exit "${1:-2}"
 }
 while (($#)); do
     case "$1" in
-        -h | --help) usage ;;
+        -h | --help) usage 0 ;;
         --sweep=* | --wandb-sweep=*) SWEEP="${1#*=}"; [[ "$1" == --wandb-sweep=* ]] && SWEEP="wandb:$SWEEP"; shift ;;
         --sweep) SWEEP="${2:?--sweep needs a file}"; shift 2 ;;
         --wandb-sweep) SWEEP="wandb:${2:?--wandb-sweep needs ENTITY/PROJECT/ID}"; shift 2 ;;

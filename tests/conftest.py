@@ -13,6 +13,36 @@ pytest_plugins = ["cluster.fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+# experiment x preset -> subcommand -> outcome, filled by test_matrix.py and printed at the end of the session
+MATRIX: dict[tuple[str, str], dict[str, str]] = {}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def shared_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One torch.compile cache for the session: the first compilation of a module is slow, the rest reuse it."""
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous or str(tmp_path_factory.mktemp("inductor"))
+    yield
+    if previous is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The preset matrix (experiment x preset -> each subcommand's outcome), when test_matrix.py ran."""
+    if not MATRIX:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("experiment x preset x subcommand")
+    commands = ("fit", "validate", "test", "predict", "refit")
+    width = max(len(f"{e} {p}") for e, p in MATRIX) + 2
+    write(f"{'experiment  preset':<{width}}" + "".join(f"{c:<12}" for c in commands))
+    for (experiment, preset), outcome in sorted(MATRIX.items()):
+        cells = [outcome.get(c, "FAILED") for c in commands]
+        short = ["ok" if c == "passed" else "refused" if c.startswith("refused") else c[:11] for c in cells]
+        write(f"{experiment + '  ' + preset:<{width}}" + "".join(f"{c:<12}" for c in short))
+    notes = sorted({c for outcome in MATRIX.values() for c in outcome.values() if c not in ("passed",)})
+    for note in notes:
+        write(f"  {note}")
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +68,18 @@ def run_cli(*args: str) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 1
     return 0
+
+
+def without_logging_noise(stderr: str) -> list[str]:
+    """Lines of stderr minus pytest artefacts: a log handler that an earlier in-process run bound to that test's
+    (since closed) capture stream prints a '--- Logging error ---' block when Lightning logs 'Seed set to 42'."""
+    lines, skipping = [], False
+    for line in stderr.strip().splitlines():
+        skipping = skipping or line == "--- Logging error ---"
+        if not skipping and not line.startswith("INFO: "):
+            lines.append(line)
+        skipping = skipping and not line.startswith("Arguments: ")
+    return lines
 
 
 def run_dirs(root: Path = Path("runs")) -> list[Path]:

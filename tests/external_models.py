@@ -40,3 +40,33 @@ class LineFit(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class LineDataWithTest(LineData):
+    """The same data with a test split."""
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x[128:256], self.y[128:256]), batch_size=self.batch_size)
+
+
+class LineFitShowingProgress(LineFit):
+    """Logs a metric of its own for the progress display (``prog_bar=True``), and defines no test_step."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("my/slope", self.linear.weight.detach().squeeze(), prog_bar=True)
+        return loss
+
+
+class LineDataFromHub(LineData):
+    """A DataModule that takes credentials for a data hub (which must come from the environment, not a config)."""
+
+    def __init__(
+        self,
+        token: str | None = None,
+        hf_token: str | None = None,
+        aws_secret_access_key: str | None = None,
+        private_key: str | None = None,
+        db_password: str | None = None,
+    ) -> None:
+        super().__init__()

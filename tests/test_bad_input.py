@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, python_cli, run_cli
+from conftest import CONFIGS, python_cli, run_cli, without_logging_noise
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 GPT = str(CONFIGS / "experiment" / "gpt-cpu.yaml")
@@ -68,18 +68,6 @@ CASES = {
     ),
     "not enough free disk space": (lambda: ["--config", DIGITS, "--run.min_free_gb", "1e9"], "run.min_free_gb=1e+09"),
 }
-
-
-def without_logging_noise(stderr: str) -> list[str]:
-    """Lines of stderr minus pytest artefacts: a log handler that an earlier in-process run bound to that test's
-    (since closed) capture stream prints a '--- Logging error ---' block when Lightning logs 'Seed set to 42'."""
-    lines, skipping = [], False
-    for line in stderr.strip().splitlines():
-        skipping = skipping or line == "--- Logging error ---"
-        if not skipping and not line.startswith("INFO: "):
-            lines.append(line)
-        skipping = skipping and not line.startswith("Arguments: ")
-    return lines
 
 
 def the_error(stderr: str) -> str:

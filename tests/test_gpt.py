@@ -3,6 +3,7 @@
 import itertools
 import math
 import os
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -12,8 +13,9 @@ from torch import nn
 
 from lightscale.callbacks.throughput import ThroughputLogger, compute_dtype, device_peak_flops
 from lightscale.data.text import TextDataModule
-from lightscale.models.causal_lm import CausalLM, lr_multiplier, param_groups
+from lightscale.models.causal_lm import CausalLM, param_groups
 from lightscale.nets.gpt import GPT, GPTConfig
+from lightscale.schedules import WarmupCosine, warmup_cosine
 
 TINY = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 POEM = (
@@ -155,7 +157,7 @@ def test_lr_schedule_warmup_cosine_floor() -> None:
     lr, min_lr, warmup, total = 1e-3, 1e-4, 10, 110
 
     def at(step: int) -> float:
-        return lr * lr_multiplier(step, lr, min_lr, warmup, total)
+        return lr * warmup_cosine(step, warmup, total, floor=min_lr / lr)
 
     assert at(0) == pytest.approx(lr / 11)  # nanoGPT: lr * (it + 1) / (warmup + 1)
     assert at(4) == pytest.approx(lr * 5 / 11)
@@ -173,9 +175,8 @@ def test_optimizer_and_scheduler_step_per_optimizer_step(tmp_path: Path) -> None
         n_head=2,
         n_embd=16,
         lr=1e-3,
-        min_lr=1e-4,
-        warmup_steps=2,
-        betas=(0.9, 0.95),
+        optimizer=partial(torch.optim.AdamW, betas=(0.9, 0.95)),
+        scheduler=partial(WarmupCosine, warmup_steps=2, min_lr_ratio=0.1),
         sample_prompt=None,
     )
     trainer = cpu_trainer(tmp_path, max_steps=6, limit_val_batches=0)
@@ -183,13 +184,8 @@ def test_optimizer_and_scheduler_step_per_optimizer_step(tmp_path: Path) -> None
     trainer.fit(model, dm)
     optimizer = trainer.optimizers[0]
     assert optimizer.defaults["betas"] == (0.9, 0.95)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_multiplier(6, 1e-3, 1e-4, 2, 6))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * warmup_cosine(6, 2, 6, floor=0.1))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)  # max_steps taken from the Trainer
-
-
-def test_min_lr_above_lr_is_refused() -> None:
-    with pytest.raises(ValueError, match="min_lr"):
-        CausalLM(lr=1e-4, min_lr=1e-3)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -218,8 +214,7 @@ def test_tiny_model_overfits_a_tiny_corpus(tmp_path: Path) -> None:
         n_head=4,
         n_embd=64,
         lr=3e-3,
-        min_lr=3e-4,
-        warmup_steps=20,
+        scheduler=partial(WarmupCosine, warmup_steps=20, min_lr_ratio=0.1),
         sample_prompt=None,
         vocab_size=dm.vocab_size,
     )

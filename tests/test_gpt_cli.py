@@ -25,7 +25,7 @@ TINY = [
     "--data.train_samples_per_epoch", "360",
     "--data.block_size", "64",
     "--model.block_size", "64",
-    "--model.warmup_steps", "10",
+    "--model.scheduler.warmup_steps", "10",
     "--trainer.max_steps", "30",
     "--trainer.val_check_interval", "15",
     "--model.max_new_tokens", "16",

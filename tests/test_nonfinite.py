@@ -108,11 +108,11 @@ def test_both_verdict_paths_stop_and_skip_on_a_non_finite_gradient(loss_shape: t
         )  # fmt: skip
 
     def step(guard: NonFiniteGuard, grad_value: float) -> torch.optim.Optimizer:
-        weight = torch.nn.Parameter(torch.ones(3))
-        weight.grad = torch.full((3,), grad_value)
-        optimizer = torch.optim.SGD([weight], lr=0.1)
-        guard.on_before_backward(trainer(), None, torch.ones(loss_shape))
-        guard.on_before_optimizer_step(trainer(), None, optimizer)
+        module = torch.nn.Linear(3, 1, bias=False)
+        module.weight.grad = torch.full((1, 3), grad_value)
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        guard.on_before_backward(trainer(), module, torch.ones(loss_shape))
+        guard.on_before_optimizer_step(trainer(), module, optimizer)
         return optimizer
 
     finite = step(NonFiniteGuard("stop"), 1.0)

@@ -181,7 +181,9 @@ def test_auto_picks_the_newest_valid_checkpoint_and_reports_damaged_ones(
     torch.save({"state_dict": {}}, run / "hpc_ckpt_1.ckpt")  # weights only: cannot resume
     os.utime(run / "hpc_ckpt_1.ckpt", (2000, 2000))
     assert resolve_resume_path(run) == run / "checkpoints" / "best-0-10.ckpt"
-    assert [c.path.name for c in find_candidates(run)] == ["last.ckpt", "hpc_ckpt_1.ckpt", "best-0-10.ckpt"]
+    # the unusable hpc checkpoint is renamed aside, so Lightning's own SLURM lookup cannot pick it either
+    assert [c.path.name for c in find_candidates(run)] == ["last.ckpt", "best-0-10.ckpt"]
+    assert (run / "invalid-hpc-ckpt-1.ckpt").is_file()
 
 
 def test_auto_starts_fresh_without_checkpoints(tmp_path: Path) -> None:
@@ -191,7 +193,7 @@ def test_auto_starts_fresh_without_checkpoints(tmp_path: Path) -> None:
 
 
 def test_cli_auto_resumes_in_the_run_directory_and_starts_fresh_when_empty(capsys: pytest.CaptureFixture) -> None:
-    args = ["fit", "--config", DIGITS, "--config", CSV, *FAST, "--model.scheduler", "constant", "--run.dir", "runs/r"]
+    args = ["fit", "--config", DIGITS, "--config", CSV, *FAST, "--model.scheduler", "null", "--run.dir", "runs/r"]
     args += ["--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1"]
     assert run_cli(*args, "--trainer.max_epochs", "1", "--ckpt_path", "auto") == 0  # nothing to resume: fresh
     assert torch.load("runs/r/checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
@@ -239,7 +241,8 @@ def test_kill_9_tiny_gpt(tmp_path: Path) -> None:
         "--data.max_bytes", "100000", "--data.cache_dir", str(tmp_path / "tokens"),
         "--data.block_size", "32", "--data.batch_size", "8", "--data.train_samples_per_epoch", "80",
         "--data.val_batches", "2", "--model.block_size", "32", "--model.n_layer", "2", "--model.n_head", "2",
-        "--model.n_embd", "32", "--model.dropout", "0.1", "--model.warmup_steps", "5", "--model.sample_prompt", "null",
+        "--model.n_embd", "32", "--model.dropout", "0.1", "--model.scheduler.warmup_steps", "5",
+        "--model.sample_prompt", "null",
         "--trainer.max_steps", "30", "--trainer.val_check_interval", "10", "--trainer.deterministic", "true",
         "--checkpoint.last_every_n_steps", "4",
     ]  # fmt: skip

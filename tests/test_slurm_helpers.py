@@ -208,7 +208,7 @@ def test_requeue_decision(
 ) -> None:
     """USR1 always requeues; SIGTERM only when SLURM ends the job for its time limit or a preemption, never
     after the user's own `scancel` (which would otherwise be undone)."""
-    from lightscale.callbacks.requeue import _requeue
+    from lightscale.callbacks.graceful_stop import _requeue
 
     calls = tmp_path / "calls"
     scontrol = tmp_path / "bin" / "scontrol"

@@ -1,6 +1,7 @@
 """TextDataModule and tokenizers: cached shards, exact round trips, windows per rank/epoch, resume, errors."""
 
 import os
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -108,7 +109,7 @@ def test_a_failed_preparation_leaves_no_cache(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(dm.tokenizer, "encode", crash)
     with pytest.raises(KeyboardInterrupt):
         dm.prepare_data()
-    assert list(dm.cache_dir.iterdir()) == []  # neither shards nor a temp folder
+    assert [p.name for p in dm.cache_dir.iterdir()] == ["hashes.json"]  # neither shards nor a temp folder
 
 
 def test_folder_corpus_in_sorted_order_skipping_hidden_files(tmp_path: Path) -> None:
@@ -296,6 +297,7 @@ def test_trainer_resume_replays_the_same_windows(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lightscale.models.causal_lm import CausalLM
+    from lightscale.schedules import WarmupCosine
 
     def fit(max_steps: int, ckpt_path: str | None = None) -> RecordBatches:
         L.seed_everything(0)
@@ -311,7 +313,14 @@ def test_trainer_resume_replays_the_same_windows(tmp_path: Path) -> None:
             callbacks=[recorder, checkpoint],
             default_root_dir=tmp_path,
         )
-        model = CausalLM(block_size=16, n_layer=1, n_head=2, n_embd=16, sample_prompt=None, warmup_steps=2)
+        model = CausalLM(
+            block_size=16,
+            n_layer=1,
+            n_head=2,
+            n_embd=16,
+            sample_prompt=None,
+            scheduler=partial(WarmupCosine, warmup_steps=2),
+        )
         trainer.fit(model, make_dm(tmp_path, path=str(corpus), train_samples_per_epoch=40), ckpt_path=ckpt_path)
         return recorder
 

@@ -5,6 +5,8 @@ Each failure is a :class:`~lightscale.errors.UserError`: one line naming the set
 to do; the CLI exits with code 2 before creating the run directory, so existing runs are untouched.
 """
 
+import importlib
+import netrc
 import os
 import re
 import shutil
@@ -18,8 +20,22 @@ import torch
 from lightscale.errors import UserError
 
 GPU_ONLY_PRECISIONS = ("16", "16-mixed", "16-true", "transformer-engine", "transformer-engine-float16")
-_SECRET_KEY = re.compile(r"(^|[_.-])(api[_-]?key|apikey|secret|password|passwd|auth[_-]?token|access[_-]?token)$", re.I)
+# A config key whose name says it holds a credential: ``api_key``, ``hf_token``, ``aws_secret_access_key``,
+# ``private_key``, ``password``, ... (tokenizer settings such as ``pad_token`` name a token, not a secret).
+_SECRET_KEY = re.compile(
+    r"(^|[_.-])(api[_-]?key|apikey|secret|secret[_-]?(access[_-]?)?key|access[_-]?key|private[_-]?key|password|"
+    r"passwd|passphrase|credentials?|token|auth[_-]?token|access[_-]?token)$",
+    re.I,
+)
+_TOKENIZER_TOKENS = re.compile(r"^(pad|eos|bos|unk|sep|cls|mask|start|end)[_-]token$", re.I)
 SECRET_ENV = ("WANDB_API_KEY",)
+# Lightning loggers that need a package lightscale does not install: (module, ...) -> what to pip install.
+LOGGER_PACKAGES = {
+    "TensorBoardLogger": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "MLFlowLogger": (("mlflow",), "mlflow"),
+    "CometLogger": (("comet_ml",), "comet-ml"),
+    "NeptuneLogger": (("neptune",), "neptune"),
+}
 
 
 def _value(item: Any) -> Any:
@@ -138,12 +154,25 @@ def _walk(item: Any, path: str = "") -> Iterator[tuple[str, Any]]:
         yield path, item
 
 
+def _stored_secrets() -> list[str]:
+    """Credentials this machine holds (``WANDB_API_KEY``, every password in ``~/.netrc``): none of them may appear in
+    a config, whatever its key is called."""
+    secrets = [os.environ[name] for name in SECRET_ENV if len(os.environ.get(name, "")) >= 8]
+    try:
+        entries = netrc.netrc(os.environ.get("NETRC")).hosts.values()
+    except (OSError, netrc.NetrcParseError):
+        entries = []
+    secrets += [password for _, _, password in entries if password and len(password) >= 8]
+    return secrets
+
+
 def check_no_secrets(config: dict[str, Any]) -> None:
     """Configs are saved with every run (config.yaml, W&B, checkpoints): refuse one that holds a credential."""
-    secrets = [os.environ[name] for name in SECRET_ENV if len(os.environ.get(name, "")) >= 8]
+    secrets = _stored_secrets()
     for key, value in _walk(config):
         leaf = key.rsplit(".", 1)[-1].split("[", 1)[0]
-        holds_secret = isinstance(value, str) and value and _SECRET_KEY.search(leaf)
+        named_secret = _SECRET_KEY.search(leaf) and not _TOKENIZER_TOKENS.match(leaf)
+        holds_secret = isinstance(value, str) and value and named_secret
         if holds_secret or (isinstance(value, str) and any(secret in value for secret in secrets)):
             raise UserError(
                 f"{key}: configs are saved with the run, so they must not hold credentials; set WANDB_API_KEY in "
@@ -151,8 +180,66 @@ def check_no_secrets(config: dict[str, Any]) -> None:
             )
 
 
+def launcher_world_size(env: dict[str, str] | None = None) -> tuple[str, int] | None:
+    """``(launcher, processes)`` when torchrun or srun started this process as one of several, else ``None``."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env and env.get("WORLD_SIZE", "").isdigit():
+        return "torchrun", int(env["WORLD_SIZE"])
+    under_srun = env.get("SLURM_STEP_ID") is not None and int(env.get("SLURM_NTASKS") or 1) > 1
+    if under_srun and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):  # Lightning ignores SLURM there
+        return "srun", int(env["SLURM_NTASKS"])
+    return None
+
+
+def check_launch(trainer: Any) -> None:
+    """Under torchrun or srun, ``trainer.devices x trainer.num_nodes`` must be the number of processes started:
+    otherwise each process trains alone (devices=1) or waits for ranks that never come."""
+    launched = launcher_world_size()
+    if launched is None:
+        return
+    launcher, processes = launched
+    accelerator = str(_value(trainer.get("accelerator")) or "auto").lower()
+    devices = trainer.get("devices", "auto")
+    per_node = requested_devices(devices, 0)
+    if per_node is None:  # auto: one CPU process per node, or every visible GPU
+        per_node = torch.cuda.device_count() if uses_gpu(accelerator) else 1
+    nodes = int(trainer.get("num_nodes") or 1)
+    if per_node * nodes != processes:
+        raise UserError(
+            f"{launcher} started {processes} processes, but trainer.devices x trainer.num_nodes = {per_node} x {nodes}"
+            f" = {per_node * nodes}: pass --trainer.devices <processes per node> and --trainer.num_nodes <nodes>"
+        )
+
+
+def check_loggers(trainer: Any) -> None:
+    """Loggers that cannot start: a missing optional package, or W&B online without a key or a network."""
+    from lightscale.loggers.wandb import WandbLogger, check_settings
+
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        class_path = str(getattr(logger, "class_path", "") or "")
+        name = class_path.rsplit(".", 1)[-1]
+        if name in LOGGER_PACKAGES:
+            modules, package = LOGGER_PACKAGES[name]
+            if not any(_importable(module) for module in modules):
+                raise UserError(f"trainer.logger {name} needs the {package} package: pip install {package}")
+        if class_path in (f"{WandbLogger.__module__}.WandbLogger", "lightscale.loggers.WandbLogger"):
+            init_args = getattr(logger, "init_args", None) or {}
+            check_settings(init_args.get("mode"), init_args.get("init_kwargs"))
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def check_config(config: Any) -> None:
     """The checks that need only the parsed config of one subcommand (a jsonargparse Namespace)."""
     check_devices(config.trainer)
+    check_launch(config.trainer)
     check_precision(config.trainer)
+    check_loggers(config.trainer)
     check_no_secrets(config.as_dict() if hasattr(config, "as_dict") else dict(config))

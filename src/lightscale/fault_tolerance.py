@@ -23,7 +23,6 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse.typing import NonNegativeFloat
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -32,12 +31,21 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightscale.callbacks.batch_check import FirstBatchCheck
 from lightscale.callbacks.exact_resume import ExactResume
 from lightscale.callbacks.nonfinite import NonFiniteGuard
-from lightscale.checkpoint_io import CheckpointError, SafeCheckpointIO, safe_globals, safe_load
-from lightscale.checks import check_config, check_output_dir
-from lightscale.resume import RESUME_MODES, check_compatible, has_hpc_checkpoint, resolve_resume_path
+from lightscale.checkpoint_io import CheckpointError, SafeCheckpointIO, open_checkpoint
+from lightscale.checks import check_config
+from lightscale.resume import (
+    RESUME_MODES,
+    check_compatible,
+    check_lightning_checkpoint,
+    check_model_class,
+    differing_hparams,
+    has_hpc_checkpoint,
+    report,
+    resolve_resume_path,
+)
 
-# ckpt_path values that Lightning resolves itself (not files)
-_LIGHTNING_KEYWORDS = ("best", "hpc", "registry")
+# ckpt_path values that Lightning resolves itself (not files); "hpc" is resolved here, like auto and last
+_LIGHTNING_KEYWORDS = ("best", "registry")
 LAST_EVERY_MINUTES_DEFAULT = 10.0
 
 
@@ -54,6 +62,25 @@ def install_checkpoint_io(trainer: Any) -> None:
             strategy.checkpoint_io = SafeCheckpointIO()
     elif isinstance(current, _WrappingCheckpointIO) and type(current.checkpoint_io) in (type(None), TorchCheckpointIO):
         current.checkpoint_io = SafeCheckpointIO()  # e.g. AsyncCheckpointIO around the default
+
+
+def _apply_hyperparameters(cli: Any, subcommand: str, checkpoint: dict[str, Any]) -> None:
+    """What LightningCLI does with an explicit ``--ckpt_path`` file: the checkpoint's model hyper-parameters fill
+    in the config (so validate/test/predict need not restate the architecture). Here from the checkpoint already
+    opened safely, instead of Lightning's second, full ``torch.load`` of the file."""
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    if not hparams:
+        return
+    if "_class_path" in hparams:
+        hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+    cli.config = cli.parser.parse_object({subcommand: {"model": hparams}}, cli.config)
+
+
+def _trusted(config: Any) -> bool:
+    """``--weights_only false``: the user vouches for the checkpoint; it is loaded with full pickle on every path
+    (explicit, auto, last, hpc), which runs whatever code it holds."""
+    return config.get("weights_only") is False
 
 
 def _is_checkpoint_file(ckpt_path: Any) -> bool:
@@ -91,44 +118,53 @@ class FaultTolerance:
             check_config(self.config[subcommand])  # type: ignore[attr-defined]
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads the hyper-parameters of an explicit ``--ckpt_path`` file with a bare ``torch.load``
-        right after parsing; open it safely first so a bad file is one line, not a traceback."""
+        """Replaces LightningCLI's reading of an explicit ``--ckpt_path`` right after parsing (a bare ``torch.load``
+        whose hyper-parameters then fill in the config): the file is opened safely, and a missing, damaged,
+        malicious or foreign one (another model class, a bare state_dict, a pipe) is one line, not a traceback
+        or a silently replaced config."""
         subcommand = self.config.get("subcommand")  # type: ignore[attr-defined]
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None  # type: ignore[attr-defined]
+        if not subcommand:
+            return
+        config = self.config[subcommand]  # type: ignore[attr-defined]
+        ckpt_path, trusted = config.get("ckpt_path"), _trusted(config)
         if _is_checkpoint_file(ckpt_path):
-            path = Path(str(ckpt_path))
-            if not path.exists():
+            if not Path(str(ckpt_path)).exists():
                 raise CheckpointError(
                     f"checkpoint {ckpt_path} (--ckpt_path) does not exist; --ckpt_path auto resumes a run"
                 )
-            if path.is_file():
-                safe_load(path, mmap=True)
-        with torch.serialization.safe_globals(safe_globals()):
-            super()._parse_ckpt_path()  # type: ignore[misc]
+            if trusted:
+                report(
+                    f"lightscale: warning: --weights_only false: loading {ckpt_path} with full pickle (it can run code)"
+                )
+            checkpoint = open_checkpoint(ckpt_path, trusted=trusted)
+            check_lightning_checkpoint(checkpoint, ckpt_path, resume=subcommand == "fit")
+            check_model_class(checkpoint, config.model.class_path, ckpt_path)
+            _apply_hyperparameters(self, subcommand, checkpoint)
 
     # ------------------------------------------------------------------ pre-flight, then the Trainer's IO plugin
     def instantiate_classes(self) -> None:
-        subcommand = getattr(self, "subcommand", None)
-        if subcommand:
-            config = self.config[subcommand]  # type: ignore[attr-defined]
-            check_output_dir(self.run_dir, config.run.get("min_free_gb", 1.0))
         super().instantiate_classes()  # type: ignore[misc]
         install_checkpoint_io(self.trainer)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ which checkpoint, and does it fit
     def _prepare_checkpoint(self, subcommand: str) -> None:
         config = self.config_init[subcommand]  # type: ignore[attr-defined]
-        ckpt_path = config.get("ckpt_path")
+        ckpt_path, trusted = config.get("ckpt_path"), _trusted(config)
         if ckpt_path is None and subcommand == "fit" and SLURMEnvironment.detect() and has_hpc_checkpoint(self.run_dir):
             # Lightning would resume from the highest hpc_ckpt_N.ckpt without opening it; choose as `auto` does
             ckpt_path = "auto"
         if ckpt_path in RESUME_MODES:
-            resolved = resolve_resume_path(self.run_dir, ckpt_path)
+            resolved = resolve_resume_path(self.run_dir, ckpt_path, trusted=trusted)
             if resolved is None and subcommand != "fit":
                 raise CheckpointError(f"--ckpt_path {ckpt_path}: no valid checkpoint in {self.run_dir} to {subcommand}")
             config.ckpt_path = ckpt_path = str(resolved) if resolved else None
-        if _is_checkpoint_file(ckpt_path) and Path(str(ckpt_path)).is_file():
-            check_compatible(self.model, safe_load(str(ckpt_path), mmap=True), ckpt_path)  # type: ignore[attr-defined]
+        if _is_checkpoint_file(ckpt_path):
+            checkpoint = open_checkpoint(ckpt_path, trusted=trusted)
+            if Path(str(ckpt_path)).is_file():
+                check_compatible(self.model, checkpoint, ckpt_path)  # type: ignore[attr-defined]
+            changed = differing_hparams(checkpoint, self.model)  # type: ignore[attr-defined]
+            if changed and subcommand == "fit":
+                report(f"lightscale: warning: the model settings differ from the checkpoint's: {'; '.join(changed)}")
 
     def before_fit(self) -> None:
         self._prepare_checkpoint("fit")

@@ -308,6 +308,9 @@ def _make_cli_class() -> type:
             with torch.device("meta") if self.meta else contextlib.nullcontext():
                 return class_type(*args, **kwargs)
 
+        def claim_run_dir(self, run_dir: Any, resume: bool) -> None:
+            self.run_dir = run_dir  # plan only: nothing is created or locked
+
         def before_instantiate_classes(self) -> None:
             super().before_instantiate_classes()
             self.parser.add_instantiator(self._instantiate_module, LightningModule, subclasses=True, prepend=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import re
@@ -133,6 +134,29 @@ def read_run(path: str | Path) -> RunData:
 
 def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in ("metrics.csv", "config.yaml", "summary.json"))
+
+
+def has_results(path: Path) -> bool:
+    """A run that got far enough to report on: a finished (or stopped) summary, or at least one logged metric."""
+    summary = _read_json(path / "summary.json")
+    if summary.get("status") in ("finished", "terminated", "requeued") or summary.get("global_step"):
+        return True
+    metrics = path / "metrics.csv"
+    try:
+        with metrics.open() as file:
+            return len(list(itertools.islice(file, 2))) > 1  # a header and one row
+    except OSError:
+        return False
+
+
+def newest_run(root: str | Path = "runs") -> Path:
+    """The most recently started run under ``root`` that has results (runs still starting, or that failed before
+    writing anything, are passed over)."""
+    runs = [p.parent for p in Path(root).glob("**/config.yaml") if is_run_dir(p.parent) and has_results(p.parent)]
+    runs += [p.parent for p in Path(root).glob("**/metrics.csv") if has_results(p.parent)]
+    if not runs:
+        raise FileNotFoundError(f"no run with results under {root}/")
+    return max(set(runs), key=lambda p: (p / "config.yaml" if (p / "config.yaml").exists() else p).stat().st_mtime)
 
 
 def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
@@ -862,7 +886,12 @@ def build_parser() -> argparse.ArgumentParser:
             "the config keys that differ. A folder of runs (e.g. runs/digits) stands for every run in it."
         ),
     )
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or folders of runs)")
+    parser.add_argument(
+        "run_dirs",
+        nargs="*",
+        metavar="RUN_DIR",
+        help="run directories (or folders of runs); none: the newest run under runs/ that has results",
+    )
     parser.add_argument(
         "--out",
         default=None,
@@ -875,7 +904,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``lightscale report RUN_DIR [RUN_DIR ...] [--out DIR]``; prints the path of what it wrote."""
     args = build_parser().parse_args(sys.argv[2:] if argv is None else list(argv))
     try:
-        run_dirs = expand_run_dirs(args.run_dirs)
+        run_dirs = expand_run_dirs(args.run_dirs) if args.run_dirs else [newest_run()]
         if len(run_dirs) == 1:
             path = write_report(run_dirs[0], args.out)
         else:

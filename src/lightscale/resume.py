@@ -11,18 +11,22 @@ and a requeued SLURM job started without ``--ckpt_path`` (where Lightning would 
 its number alone) is resolved the same way, so both ways of requeueing end up at the same checkpoint.
 """
 
+import copy
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightscale.checkpoint_io import CheckpointError, remove_stale_temporaries, safe_load
+from lightscale.checkpoint_io import SHARDED_META, CheckpointError, open_checkpoint, remove_stale_temporaries
+from lightscale.errors import UserError
 
-RESUME_MODES = ("auto", "last")
-SHARDED_META = "meta.pt"  # Lightning's metadata file inside a distributed (sharded) checkpoint folder
+RESUME_MODES = ("auto", "last", "hpc")
+INVALID_PREFIX = "invalid-"  # a damaged hpc_ckpt_N.ckpt is renamed so that Lightning's own SLURM lookup skips it
 
 
 @rank_zero_only
@@ -37,11 +41,11 @@ class Candidate:
     mtime: float
 
 
-def find_candidates(run_dir: Path) -> list[Candidate]:
+def find_candidates(run_dir: Path, only_hpc: bool = False) -> list[Candidate]:
     """Checkpoint files and sharded checkpoint folders of a run, newest first."""
     paths: list[Path] = []
     checkpoints = run_dir / "checkpoints"
-    if checkpoints.is_dir():
+    if checkpoints.is_dir() and not only_hpc:
         paths += [p for p in checkpoints.iterdir() if p.suffix == ".ckpt" and not p.name.startswith(".")]
     if run_dir.is_dir():
         paths += [p for p in run_dir.glob("hpc_ckpt_*.ckpt")]
@@ -61,34 +65,46 @@ def has_hpc_checkpoint(run_dir: str | Path) -> bool:
     return any(Path(run_dir).glob("hpc_ckpt_*.ckpt"))
 
 
-def load_resumable(path: Path) -> dict[str, Any]:
-    """Load the parts of a checkpoint needed to judge it (tensors memory-mapped, not read) and check that it can
-    resume training: it must hold the model's ``state_dict`` and the loops' progress."""
-    if path.is_dir():  # sharded (torch.distributed.checkpoint) folder: judge Lightning's metadata file
-        meta = safe_load(path / SHARDED_META)
-        if not (path / ".metadata").is_file():
-            raise CheckpointError(f"sharded checkpoint {path} has no .metadata file (an interrupted save)")
-        if "loops" not in meta:
-            raise CheckpointError(f"checkpoint {path} holds no training progress (loops)")
-        return meta
-    checkpoint = safe_load(path, mmap=True)
-    missing = [key for key in ("state_dict", "loops") if key not in checkpoint]
+def load_resumable(path: Path, trusted: bool = False) -> dict[str, Any]:
+    """Open the parts of a checkpoint needed to judge it (tensors memory-mapped, not read; nothing of it run, see
+    :func:`~lightscale.checkpoint_io.open_checkpoint`) and check that it can resume training: the model's
+    ``state_dict`` (a sharded folder keeps it in its shards) and the loops' progress."""
+    checkpoint = open_checkpoint(path, trusted=trusted)
+    missing = [
+        key for key in ("state_dict", "loops") if key not in checkpoint and not (key == "state_dict" and path.is_dir())
+    ]
     if missing:
         raise CheckpointError(f"checkpoint {path} cannot resume training: it has no {' or '.join(missing)}")
     return checkpoint
 
 
-def resolve_resume_path(run_dir: str | Path, mode: str = "auto") -> Path | None:
-    """The newest valid checkpoint of ``run_dir`` (see module docstring), or ``None`` for a fresh start."""
+def quarantine(path: Path) -> Path | None:
+    """Rename a damaged ``hpc_ckpt_N.ckpt`` to ``invalid-hpc-ckpt-N.ckpt`` (kept for inspection): Lightning resumes a
+    restarted SLURM job from the highest-numbered ``hpc_ckpt_*`` without opening it first."""
+    if not path.name.startswith("hpc_ckpt_"):
+        return None
+    # Lightning matches any file name that *contains* "hpc_ckpt_": the new name must not
+    target = path.with_name(INVALID_PREFIX + path.name.replace("hpc_ckpt_", "hpc-ckpt-"))
+    try:
+        path.rename(target)
+    except OSError:
+        return None
+    return target
+
+
+def resolve_resume_path(run_dir: str | Path, mode: str = "auto", trusted: bool = False) -> Path | None:
+    """The newest valid checkpoint of ``run_dir`` (see module docstring; ``hpc``: among ``hpc_ckpt_*`` only),
+    or ``None`` for a fresh start. Damaged ``hpc_ckpt_*`` files are renamed aside (:func:`quarantine`)."""
     run_dir = Path(run_dir)
     removed = remove_stale_temporaries(run_dir / "checkpoints")
     if removed:
         report(f"lightscale: removed {len(removed)} partial checkpoint file(s) left by an interrupted save")
-    for candidate in find_candidates(run_dir):
+    for candidate in find_candidates(run_dir, only_hpc=mode == "hpc"):
         try:
-            load_resumable(candidate.path)
+            load_resumable(candidate.path, trusted=trusted)
         except CheckpointError as error:
-            report(f"lightscale: warning: skipping {error}")
+            moved = quarantine(candidate.path)
+            report(f"lightscale: warning: skipping {error}" + (f" (renamed to {moved.name})" if moved else ""))
             continue
         report(f"lightscale: resuming from {candidate.path}")
         return candidate.path
@@ -96,13 +112,46 @@ def resolve_resume_path(run_dir: str | Path, mode: str = "auto") -> Path | None:
     if mode == "auto":
         report(f"lightscale: {message}")
     else:
-        report(f"lightscale: warning: --ckpt_path last: {message}")
+        report(f"lightscale: warning: --ckpt_path {mode}: {message}")
     return None
+
+
+def check_lightning_checkpoint(checkpoint: dict[str, Any], path: str | Path, resume: bool) -> None:
+    """A file given as ``--ckpt_path`` must be a Lightning checkpoint (and, to resume ``fit``, hold the loops)."""
+    if Path(str(path)).is_dir():
+        return
+    if "state_dict" not in checkpoint:
+        if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+            raise CheckpointError(
+                f"{path} is a bare state_dict (weights only), not a Lightning checkpoint: load it into your model "
+                "(model.load_state_dict) or pass a checkpoint that Lightning wrote"
+            )
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (it has no state_dict)")
+    if resume and "loops" not in checkpoint:
+        raise CheckpointError(
+            f"checkpoint {path} cannot resume training: it has no loops (it was saved with weights only); "
+            "use it with validate/test/predict, or start a new fit"
+        )
+
+
+def check_model_class(checkpoint: dict[str, Any], class_path: str, path: str | Path) -> None:
+    """Refuse a checkpoint written by another LightningModule class than the config trains."""
+    ckpt_class = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if ckpt_class and ckpt_class.rsplit(".", 1)[-1] != str(class_path).rsplit(".", 1)[-1]:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {ckpt_class}, but the config trains {class_path}; pass the same "
+            "--model as the run that wrote it, or start a new run without --ckpt_path"
+        )
 
 
 def _describe(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(keys[:limit])
     return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def _uncompiled(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Keys without the ``_orig_mod.`` that ``torch.compile(module)`` puts into the names of a wrapped module."""
+    return {key.replace("_orig_mod.", ""): value for key, value in state_dict.items()}
 
 
 def check_compatible(model: torch.nn.Module, checkpoint: dict[str, Any], path: str | Path) -> None:
@@ -111,16 +160,11 @@ def check_compatible(model: torch.nn.Module, checkpoint: dict[str, Any], path: s
     Compares the class recorded in the checkpoint's hyper-parameters and the names and shapes of the weights;
     models that build layers lazily (``configure_model``) or load non-strictly are only checked by class.
     """
-    hparams = checkpoint.get("hyper_parameters") or {}
-    ckpt_class = hparams.get("_class_path")
     model_class = f"{type(model).__module__}.{type(model).__qualname__}"
-    if ckpt_class and ckpt_class.rsplit(".", 1)[-1] != type(model).__qualname__:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {ckpt_class}, but the config trains {model_class}; pass the same "
-            "--model as the run that wrote it, or start a new run without --ckpt_path"
-        )
-    expected = model.state_dict()
+    check_model_class(checkpoint, model_class, path)
+    expected = _uncompiled(model.state_dict())
     saved = checkpoint.get("state_dict")
+    saved = _uncompiled(saved) if isinstance(saved, dict) else saved
     if not expected or not isinstance(saved, dict) or not getattr(model, "strict_loading", True):
         return
     missing = sorted(set(expected) - set(saved))
@@ -142,3 +186,90 @@ def check_compatible(model: torch.nn.Module, checkpoint: dict[str, Any], path: s
             f"checkpoint {path} does not fit {model_class} (a different architecture): {'; '.join(problems)}. "
             "Use the model settings of the run that wrote it, or start a new run without --ckpt_path"
         )
+
+
+def differing_hparams(checkpoint: dict[str, Any], model: torch.nn.Module, limit: int = 4) -> list[str]:
+    """``name checkpoint -> config`` for each hyper-parameter the configured model sets differently."""
+    saved = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    current = dict(getattr(model, "hparams", {}) or {})
+    changed = [
+        f"{key} {saved[key]!r} -> {current[key]!r}" for key in saved if key in current and saved[key] != current[key]
+    ]
+    return changed[:limit] + ([f"(+{len(changed) - limit} more)"] if len(changed) > limit else [])
+
+
+class ResumeCheck(L.Callback):
+    """Refuses, in one line and before the first step, a resume whose checkpoint does not fit the run's optimizer
+    or LR schedule (Lightning would fail deep inside the restore with e.g. ``KeyError: 'lr_lambdas'`` when a
+    config switched from OneCycle to cosine), or whose fixed-length schedule is shorter than the run now asks for.
+    """
+
+    def __init__(self) -> None:
+        self._checkpoint: dict[str, Any] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._checkpoint = None
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # the checkpoint the fit resumes from, not the hidden temporary one a tuner (BatchSizeFinder, LRFinder)
+        # writes and restores around its trials
+        if trainer.ckpt_path is not None and not Path(str(trainer.ckpt_path)).name.startswith("."):
+            self._checkpoint = checkpoint
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Between creating the optimizers and loading their saved states (strategies that restore after setup,
+        e.g. ``ModelParallelStrategy``, load the checkpoint later: only its schedule length is checked)."""
+        self._check_states(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._checkpoint is not None:
+            check_schedule_length(trainer)
+        self._checkpoint = None
+
+    def _check_states(self, trainer: L.Trainer) -> None:
+        checkpoint = self._checkpoint
+        if checkpoint is None:
+            return
+        saved = checkpoint.get("lr_schedulers") or []
+        configs = trainer.lr_scheduler_configs
+        why = ""
+        if len(saved) != len(configs):
+            why = f"it holds {len(saved)} LR scheduler(s), this run has {len(configs)}"
+        for config, state in zip(configs, saved, strict=False):
+            try:
+                copy.deepcopy(config.scheduler).load_state_dict(state)
+            except Exception as error:
+                why = f"its LR scheduler state does not fit this run's {type(config.scheduler).__name__} ({error!r})"
+        optimizers = checkpoint.get("optimizer_states") or []
+        for optimizer, state in zip(trainer.optimizers, optimizers, strict=False):
+            groups = [len(group["params"]) for group in optimizer.param_groups]
+            saved_groups = [len(group.get("params", [])) for group in state.get("param_groups", [])]
+            if saved_groups and groups != saved_groups:
+                why = f"its optimizer has parameter groups of sizes {saved_groups}, this run's {groups}"
+        if why:
+            changed = differing_hparams(checkpoint, trainer.lightning_module)
+            hint = f" (settings that differ: {'; '.join(changed)})" if changed else ""
+            raise UserError(
+                f"cannot resume from this checkpoint: {why}{hint}; resume with the model settings of the run that "
+                "wrote it, or start a new run"
+            )
+
+
+def check_schedule_length(trainer: L.Trainer) -> None:
+    """Refuse to resume into a longer run than a fixed-length LR schedule was planned for.
+
+    ``OneCycleLR`` keeps its length (``total_steps``) in the checkpoint, so a run resumed with a larger
+    ``max_epochs`` / ``max_steps`` would fail with "Tried to step N times" when the old length is used up.
+    Schedules computed from the run's length at start-up (warm-up + cosine) are re-planned over the new length
+    from the current step instead, and pass."""
+    needed_steps = trainer.estimated_stepping_batches
+    for config in trainer.lr_scheduler_configs:
+        planned = getattr(config.scheduler, "total_steps", None)
+        needed = needed_steps if config.interval == "step" else trainer.max_epochs
+        if isinstance(planned, int) and needed is not None and math.isfinite(needed) and needed > planned:
+            unit = "optimizer steps" if config.interval == "step" else "epochs"
+            raise UserError(
+                f"the checkpoint's {type(config.scheduler).__name__} was planned for {planned} {unit} and cannot be "
+                f"extended to the {int(needed)} this run asks for (trainer.max_epochs / max_steps): resume with the "
+                "original length, or use a schedule that re-plans (e.g. cosine) for runs you extend"
+            )

@@ -1,17 +1,44 @@
-"""One directory per run, shared by every rank of that run.
+"""One directory per run, shared by every rank of that run, owned by one run at a time.
 
 The directory is decided once, before any process of the run starts training: a new, unique
-``<root>/<name>/<YYYYmmdd-HHMMSS>-<hex>`` for a fresh run, or the one named explicitly. It is exported in
-``LIGHTSCALE_RUN_DIR`` so the processes Lightning launches for DDP (which re-run the same command line)
-and restarted SLURM jobs land in the same place instead of inventing their own.
+``<root>/<name>/<YYYYmmdd-HHMMSS>-<hex>`` for a fresh run, or the one named explicitly. While a run is in it,
+the CLI exports it in ``LIGHTSCALE_RUN_DIR`` so the processes Lightning launches for DDP (which re-run the same
+command line) land in the same place; ``slurm/train.sbatch`` exports it for every task and every restart of a
+job. The run's first process holds :class:`RunLock` on it, so a second writer fails at once.
 """
 
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
 import os
+import re
 import secrets
 import time
 from pathlib import Path
+from typing import Any
+
+from lightscale.errors import UserError
 
 RUN_DIR_ENV = "LIGHTSCALE_RUN_DIR"
+LOCK_FILE = ".lock"
+SUMMARY_FILE = "summary.json"
+# Files that say where and how a run started, written before it trains (by the CLI or slurm/train.sbatch):
+# they do not make a directory "hold a run".
+# A W&B run id chosen by a sweep agent for the run to come is one of them too.
+BOOKKEEPING = re.compile(r"^(\.lock|slurm-starts\.jsonl|slurm-.*\.out|wandb-run-id)$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*")
+
+
+def check_run_name(name: str) -> None:
+    """``run.name`` is one or more plain folder names below ``run.root``: it cannot climb out of it."""
+    parts = name.split("/")
+    if not all(_NAME.fullmatch(part) and part not in (".", "..") for part in parts):
+        raise UserError(
+            f"run.name {name!r}: use letters, digits and . _ - + = (and / for sub-folders); it names a folder "
+            "under run.root and cannot be absolute or contain '..'"
+        )
 
 
 def new_run_dir(root: str, name: str) -> Path:
@@ -39,19 +66,88 @@ def shared_job_id() -> str | None:
     return None
 
 
-def resolve_run_dir(root: str, name: str, explicit: str | None) -> tuple[Path, bool]:
-    """Return ``(run_dir, inherited)``; ``inherited`` is True when the directory was chosen by a parent
-    process or the job (environment) rather than by this command line."""
+def resolve_run_dir(root: str, name: str, explicit: str | None) -> Path:
+    """The run directory: ``explicit`` (``run.dir``), else the one the launching process or job chose
+    (``LIGHTSCALE_RUN_DIR``, or the job's shared id), else a new one."""
     if explicit:
-        return Path(explicit), False
+        return Path(explicit)
     if os.environ.get(RUN_DIR_ENV):
-        return Path(os.environ[RUN_DIR_ENV]), True
+        return Path(os.environ[RUN_DIR_ENV])
     job_id = shared_job_id()
     if job_id:
-        return Path(root) / name / job_id, True
-    return new_run_dir(root, name), False
+        return Path(root) / name / job_id
+    return new_run_dir(root, name)
 
 
 def has_run_artifacts(run_dir: Path) -> bool:
     """True when ``run_dir`` already holds results that a new run must not overwrite."""
-    return run_dir.is_dir() and any(run_dir.iterdir())
+    return run_dir.is_dir() and any(not BOOKKEEPING.match(p.name) for p in run_dir.iterdir())
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether the run wrote any checkpoint (a run with one is worth keeping, even when it failed)."""
+    checkpoints = run_dir / "checkpoints"
+    return any(run_dir.glob("hpc_ckpt_*")) or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that readers see the old or the new file, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def update_summary(run_dir: Path, fields: dict[str, Any]) -> None:
+    """Merge ``fields`` into ``<run_dir>/summary.json`` (one process of a run writes it: global rank 0)."""
+    path = run_dir / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        summary = {}
+    summary.update(fields)
+    write_atomic(path, json.dumps(summary, indent=2) + "\n")
+
+
+class RunLock:
+    """Exclusive ownership of a run directory: ``flock`` on ``<run_dir>/.lock``, taken by the run's first process.
+
+    A second run into the same directory (two fits started with one ``--run.dir``, two resumes of one run, a
+    notebook re-running a cell) fails at once with one line. The kernel releases the lock when its process ends,
+    however it ends, so a run killed with ``kill -9`` never leaves a stale lock behind. The file stays, empty: a
+    start never changes a byte of a run it is refused.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self.created = False  # whether acquire() created the lock file
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UserError(
+                f"run directory {self.path.parent} is in use by another run (a live process holds {self.path}); "
+                "wait for it to finish, or leave run.dir unset for a new run"
+            ) from None
+        self._fd = fd
+
+    def release(self, remove: bool = False) -> None:
+        """Unlock; ``remove`` deletes the lock file too (a refused start leaves a directory as it found it)."""
+        if self._fd is not None:
+            if remove:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+            self._fd = None

@@ -55,3 +55,18 @@ class ArrayState(Callback):
         import numpy as np
 
         return {"history": np.arange(3, dtype=np.float32), "best": np.float64(0.5)}
+
+
+class Crash(RuntimeError):
+    """What :class:`CrashAt` raises."""
+
+
+class CrashAt(Callback):
+    """Raise :class:`Crash` at the end of optimizer step ``step`` (before that step's checkpoints), like a crash."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise Crash(f"crash at step {self.step}")

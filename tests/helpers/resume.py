@@ -23,16 +23,17 @@ TESTS = Path(__file__).resolve().parents[1]
 
 
 class PauseAt(L.Callback):
-    """At the end of optimizer step ``step`` (before any checkpoint of that step): write ``marker`` and sleep."""
+    """At the end of optimizer step ``step`` (before any checkpoint of that step): write ``marker`` and sleep for
+    ``seconds`` (long enough for the test to kill the process, or to signal it and let it go on)."""
 
-    def __init__(self, step: int, marker: str) -> None:
-        self.step, self.marker = step, marker
+    def __init__(self, step: int, marker: str, seconds: float = 600) -> None:
+        self.step, self.marker, self.seconds = step, marker, seconds
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step == self.step:
             if trainer.is_global_zero:
                 Path(self.marker).write_text(str(self.step))
-            time.sleep(600)
+            time.sleep(self.seconds)
 
 
 def trial_env(**extra: str) -> dict[str, str]:
@@ -143,5 +144,10 @@ def assert_same_final_state(reference_dir: Path, resumed_dir: Path) -> int:
     count += assert_same(ref["lr_schedulers"], res["lr_schedulers"], "lr_schedulers")
     callbacks_ref = _strip_run_dir(ref["callbacks"], str(reference_dir))
     callbacks_res = _strip_run_dir(res["callbacks"], str(resumed_dir))
+    # RunSummary's totals: the same samples, one more start, and wall times that differ by nature
+    summary_ref, summary_res = callbacks_ref.pop("RunSummary", None), callbacks_res.pop("RunSummary", None)
+    if summary_ref is not None:
+        assert summary_res is not None and summary_res["train_samples"] == summary_ref["train_samples"]
+        assert summary_res["starts"] == summary_ref["starts"] + 1
     count += assert_same(callbacks_ref, callbacks_res, "callbacks")
     return count

@@ -5,6 +5,7 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
@@ -44,6 +45,7 @@ class Checkpoint(ModelCheckpoint):
         self.last_every_n_steps = last_every_n_steps
         self.last_every_minutes = last_every_minutes
         self._warned_missing_monitor = False
+        self._validated = False  # a validation ran in this fit (before that, no monitored value can exist)
         self._last_saves = 0  # number of writes of last.ckpt, to tell whether Lightning wrote it in a hook
         self._refreshed_step = -1
         self._refresh_time: float | None = None
@@ -52,12 +54,19 @@ class Checkpoint(ModelCheckpoint):
     # ------------------------------------------------------------------ monitor tolerance
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
         if self.monitor is not None and self.save_top_k != 0 and self.monitor not in monitor_candidates:
-            if not self._warned_missing_monitor:
+            if self._validated and not self._warned_missing_monitor:
                 rank_zero_warn(
                     f"checkpoint.monitor={self.monitor!r} is not logged by this model; keeping only last.ckpt. "
                     f"Logged keys: {sorted(monitor_candidates)}"
                 )
                 self._warned_missing_monitor = True
+            return
+        current = monitor_candidates.get(self.monitor) if self.monitor is not None else None
+        if current is not None and not bool(torch.isfinite(torch.as_tensor(current)).all()):
+            rank_zero_warn(
+                f"checkpoint.monitor={self.monitor} is {float(current)} at step {trainer.global_step}: not a "
+                "candidate for the best checkpoint"
+            )
             return
         super()._save_topk_checkpoint(trainer, monitor_candidates)
 
@@ -86,6 +95,7 @@ class Checkpoint(ModelCheckpoint):
             self._write_last(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validated = self._validated or not trainer.sanity_checking
         saves = self._last_saves
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
@@ -98,6 +108,8 @@ class Checkpoint(ModelCheckpoint):
             self._ensure_last(trainer, saves)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            return  # Lightning's on_train_end writes last.ckpt even in fast_dev_run, which promises no checkpoints
         if self.save_last and self._refreshed_step == trainer.global_step:
             return  # last.ckpt already holds this step (Lightning would write it again when no top-k was saved)
         super().on_train_end(trainer, pl_module)

@@ -42,4 +42,4 @@ class EpochStats(Callback):
         trainer.callback_metrics.update({key: torch.tensor(value) for key, value in metrics.items()})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=trainer.global_step)
+                logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=max(trainer.global_step - 1, 0))

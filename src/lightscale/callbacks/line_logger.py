@@ -79,6 +79,10 @@ class LineLogger(Callback):
         loss = trainer.callback_metrics.get("train/loss_step", trainer.callback_metrics.get("train/loss"))
         if loss is not None:
             parts.append(f"train/loss {_fmt(float(loss))}")
+        shown = {"train/loss_step", "train/loss"}
+        for name, value in trainer.progress_bar_metrics.items():  # what the model logs with prog_bar=True
+            if name not in shown and not name.startswith(("val/", "test/")) and isinstance(value, (int, float)):
+                parts.append(f"{name} {_fmt(float(value))}")
         if trainer.optimizers:
             parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
         if self._mark is not None and now > self._mark[0]:

@@ -13,6 +13,7 @@ the optimizer step, so it reads the flag every step (one small device-to-host co
 """
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +25,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightscale.errors import UserError
 
 Action = Literal["stop", "skip", "off"]
+
+
+def _last_good(trainer: L.Trainer) -> str:
+    """The newest checkpoint of this run: every one was checked for non-finite values when it was written."""
+    callback = trainer.checkpoint_callback
+    last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+    return f"last good checkpoint: {last}" if last else "no checkpoint was written before"
 
 
 class NonFiniteError(UserError):
@@ -111,6 +119,50 @@ def nonfinite_flag(
     return _any_found(_found_per_device(_by_device_and_dtype(tensors), {} if scratch is None else scratch), device)
 
 
+def _tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every floating-point tensor in a nested checkpoint structure, with its dotted name."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            yield prefix, _local(tree)
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            yield from _tensors(value, f"{prefix}.{index}" if prefix else str(index))
+
+
+def nonfinite_names(tree: Any, limit: int = 3) -> tuple[int, int, list[str]]:
+    """``(non-finite tensors, all tensors, the first names)`` of the floating-point tensors in ``tree``: one fused
+    check per device and dtype, names looked up only when something is found."""
+    named = list(_tensors(tree))
+    tensors = [tensor for _, tensor in named if tensor.numel()]
+    if not tensors or not bool(nonfinite_flag(tensors, tensors[0].device)):
+        return 0, len(named), []
+    bad = [name for name, tensor in named if tensor.numel() and not bool(torch.isfinite(tensor).all())]
+    return len(bad), len(named), bad[:limit]
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _agree(bad: bool | int, device: torch.device) -> bool:
+    """Whether any rank found something non-finite (a collective when the run is distributed)."""
+    if not _distributed():
+        return bool(bad)
+    flag = torch.tensor([float(bad)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def _parameters_nonfinite(module: torch.nn.Module) -> bool:
+    """Whether any rank's weights (its shards under FSDP2) hold a NaN/Inf."""
+    tensors = [_local(p.detach()) for p in module.parameters() if p.is_floating_point()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    return _agree(bool(tensors) and bool(nonfinite_flag(tensors, device)), device)
+
+
 class NonFiniteGuard(L.Callback):
     """Checks the training loss and the gradients at every optimizer step (see module docstring).
 
@@ -171,7 +223,12 @@ class NonFiniteGuard(L.Callback):
             # CPU, one process: read the verdict now (nothing runs asynchronously) and build no tensor unless it
             # is bad: both hooks 440 -> 100 us per step for the digits CNN on a 2-core CPU (benchmarks/overhead.py)
             if loss_bad or any(found.item() > 0 for found in _found_per_device(groups, self._scratch)):
-                self._act(trainer, optimizer, _Flag(trainer.global_step, torch.tensor([1.0, loss_bad, loss.item()])))
+                self._act(
+                    trainer,
+                    pl_module,
+                    optimizer,
+                    _Flag(trainer.global_step, torch.tensor([1.0, loss_bad, loss.item()])),
+                )
             return
         bad = torch.as_tensor(loss_bad, device=loss.device)
         loss_bad = bad.clone()
@@ -186,7 +243,7 @@ class NonFiniteGuard(L.Callback):
         if self.action == "skip" or values.device.type != "cuda":
             flag = _Flag(trainer.global_step, values)
             if flag.bad:  # host sync: free on the CPU, needed for skip on an accelerator
-                self._act(trainer, optimizer, flag)
+                self._act(trainer, pl_module, optimizer, flag)
             return
         host = torch.empty(3, dtype=torch.float32, pin_memory=True)
         host.copy_(values, non_blocking=True)
@@ -194,9 +251,15 @@ class NonFiniteGuard(L.Callback):
         event.record()
         self._pending.append(_Flag(trainer.global_step, host, event))
 
-    def _act(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer, flag: _Flag) -> None:
+    def _act(
+        self, trainer: L.Trainer, module: L.LightningModule, optimizer: torch.optim.Optimizer, flag: _Flag
+    ) -> None:
         if self.action == "stop":
             self._fail(trainer, flag)
+        if _parameters_nonfinite(module):
+            # an earlier step with finite gradients (a learning rate far too high) made the weights themselves
+            # non-finite: skipping steps cannot bring them back
+            self._fail(trainer, flag, reason="the weights themselves are non-finite, so skipping cannot recover; ")
         self._skip(trainer, optimizer, flag)
 
     def _skip(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer, flag: _Flag) -> None:
@@ -226,11 +289,9 @@ class NonFiniteGuard(L.Callback):
         self._pending.clear()
         what = "loss" if flag.loss_bad else "gradient"
         value = f" (loss={flag.loss:g})" if flag.loss_bad else ""
-        callback = trainer.checkpoint_callback
-        last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
         raise NonFiniteError(
             f"{reason}non-finite {what} at global step {flag.step}{value}: training stopped, no checkpoint was "
-            f"written from this state (last good: {last or 'none'}). Lower the learning rate, check the data "
+            f"written from this state ({_last_good(trainer)}). Lower the learning rate, check the data "
             "around this step, or set --nonfinite.action skip"
         )
 
@@ -247,9 +308,25 @@ class NonFiniteGuard(L.Callback):
         self._resolve(trainer, wait=True)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Refuse to write any checkpoint whose weights or optimizer state hold a NaN/Inf: such a file would be
+        resumed from (``--ckpt_path auto``) or chosen as best. Every rank checks its part (its shards under FSDP2)
+        and the ranks decide together; one fused check per device and dtype."""
         if self._failed:
             raise NonFiniteError("refusing to write a checkpoint after a non-finite loss or gradient")
         self._resolve(trainer, wait=True)  # raises before anything is written
+        if self.action == "off":
+            return
+        bad, total, names = nonfinite_names({k: checkpoint.get(k) for k in ("state_dict", "optimizer_states")})
+        device = pl_module.device if pl_module is not None else torch.device("cpu")
+        if _agree(bad, device):
+            self._failed = True
+            where = f" ({', '.join(names)}{', ...' if bad > len(names) else ''})" if names else " (on another rank)"
+            raise NonFiniteError(
+                f"refusing to write a checkpoint at global step {trainer.global_step}: {bad or 'some'} of {total} "
+                f"weight and optimizer tensors are non-finite{where}; the last step made the weights NaN/Inf "
+                "although its loss and gradients were finite (a learning rate far too high?). "
+                f"{_last_good(trainer).capitalize()}"
+            )
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, NonFiniteError):

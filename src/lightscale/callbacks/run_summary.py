@@ -27,15 +27,42 @@ class RunSummary(Callback):
     """Final and best metrics, steps, epochs, wall time and training throughput, merged into
     ``<run_dir>/summary.json`` after every fit / validate / test in the run (rank 0 writes).
 
-    Throughput counts samples seen by this rank times the world size; it is measured between the first and
-    last training batch, so start-up and compilation are not averaged in.
+    Times and sample counts cover the whole run: they are kept in every checkpoint, so a resumed or requeued
+    run adds its own to those of the attempts before it (``starts`` counts the attempts). Throughput counts
+    samples seen by this rank times the world size, between the first and last training batch of each attempt,
+    so start-up and compilation are not averaged in.
     """
 
     def __init__(self) -> None:
+        self.before = {"fit_seconds": 0.0, "train_samples": 0, "train_seconds": 0.0, "starts": 0}
         self.samples = 0
         self.fit_start: float | None = None
         self.first_batch: float | None = None
         self.last_batch: float | None = None
+        self._trainer: L.Trainer | None = None
+
+    def totals(self, world_size: int) -> dict[str, float]:
+        """This attempt's figures added to those of the attempts before it."""
+        now = time.perf_counter()
+        train_seconds = 0.0
+        if self.first_batch is not None and self.last_batch is not None:
+            train_seconds = self.last_batch - self.first_batch
+        return {
+            "fit_seconds": self.before["fit_seconds"] + (now - self.fit_start if self.fit_start is not None else 0.0),
+            "train_samples": self.before["train_samples"] + self.samples * world_size,
+            "train_seconds": self.before["train_seconds"] + train_seconds,
+            "starts": self.before["starts"] + (1 if self.fit_start is not None else 0),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        return self.totals(trainer.world_size if trainer is not None else 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = {**self.before, **{k: v for k, v in state_dict.items() if k in self.before}}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fit_start = time.perf_counter()
@@ -61,12 +88,12 @@ class RunSummary(Callback):
             "world_size": trainer.world_size,
         }
         if stage == "fit":
-            if self.fit_start is not None:
-                summary["fit_seconds"] = round(time.perf_counter() - self.fit_start, 3)
-            if self.first_batch is not None and self.last_batch is not None and self.last_batch > self.first_batch:
-                seconds = self.last_batch - self.first_batch
-                summary["train_samples"] = self.samples * trainer.world_size
-                summary["train_samples_per_sec"] = round(self.samples * trainer.world_size / seconds, 2)
+            totals = self.totals(trainer.world_size)
+            summary["fit_seconds"] = round(totals["fit_seconds"], 3)
+            summary["starts"] = totals["starts"]
+            if totals["train_seconds"] > 0:
+                summary["train_samples"] = totals["train_samples"]
+                summary["train_samples_per_sec"] = round(totals["train_samples"] / totals["train_seconds"], 2)
             checkpoint = trainer.checkpoint_callback
             if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_path:
                 summary["best"] = {

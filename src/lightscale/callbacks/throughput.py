@@ -129,7 +129,7 @@ class ThroughputLogger(L.Callback):
         metrics = self._record(self._now(trainer))
         if metrics and trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+                logger.log_metrics(metrics, step=step - 1)  # the index of the step just done, as Lightning logs
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
     def _record(self, now: float) -> dict[str, float]:

@@ -123,7 +123,13 @@ class BatchSizeFinder(_BatchSizeFinder):
                 "Batch-size finder on a CPU: nothing runs out of memory, so the search stops at max_val or at the "
                 "dataset size; the result says nothing about a GPU."
             )
-        super().on_fit_start(trainer, pl_module)
+        # The trials (steps_per_trial steps at each size) must not advance the run's LR schedule: a schedule with a
+        # fixed length (OneCycleLR) would run out on a short run. Lightning restores the weights afterwards.
+        schedulers, trainer.strategy.lr_scheduler_configs = trainer.strategy.lr_scheduler_configs, []
+        try:
+            super().on_fit_start(trainer, pl_module)
+        finally:
+            trainer.strategy.lr_scheduler_configs = schedulers
         found = self.optimal_batch_size
         if found is not None and found != original:
             _rebuild_optimizers(trainer)  # the schedule's length depends on the number of batches

@@ -1,5 +1,6 @@
-"""LightningDataModules: each owns download/preparation, splits, and the DataLoaders of one data set."""
+"""LightningDataModules: each owns preparation, splits and the DataLoaders of one data set."""
 
 from lightscale.data.digits import DigitsDataModule
+from lightscale.data.text import TextDataModule
 
-__all__ = ["DigitsDataModule"]
+__all__ = ["DigitsDataModule", "TextDataModule"]

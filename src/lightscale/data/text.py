@@ -12,6 +12,7 @@ hands every (epoch, data-parallel rank) its own range of ids. So the stream is d
 every rank and in every epoch, and a torchdata ``StatefulDataLoader`` resumes it exactly mid-epoch.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lightscale.data.tokenizers import CharTokenizer, Tokenizer, TokenizerName, build_tokenizer
 
-FORMAT_VERSION = 1  # bump when the shard layout changes, so old caches are not reused
+FORMAT_VERSION = 2  # bump when the shard layout changes, so old caches are not reused
 STDLIB_MAX_BYTES = 20_000_000  # default cap for the stdlib corpus: preparation stays a few seconds on a CPU
 _READ_CHUNK = 16 << 20
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -61,6 +62,13 @@ class CorpusFile:
     path: Path
     size: int
     mtime_ns: int
+    ctime_ns: int = 0
+    inode: int = 0
+
+    @property
+    def stamp(self) -> str:
+        """Changes whenever the file's content may have: size, inode and both times (the ctime cannot be set back)."""
+        return f"{self.size}:{self.mtime_ns}:{self.ctime_ns}:{self.inode}"
 
 
 def list_corpus(path: str | Path | None, pattern: str | None = None, max_bytes: int | None = None) -> list[CorpusFile]:
@@ -91,21 +99,49 @@ def list_corpus(path: str | Path | None, pattern: str | None = None, max_bytes: 
         if max_bytes is not None and total >= max_bytes:
             break
         stat = candidate.stat()
-        files.append(CorpusFile(candidate, stat.st_size, stat.st_mtime_ns))
+        files.append(CorpusFile(candidate, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino))
         total += stat.st_size
     if total == 0:
         raise ValueError(f"the corpus at {str(root)!r} is empty (no non-empty files matching {pattern!r})")
     return files
 
 
-def corpus_key(files: Sequence[CorpusFile], tokenizer: str, val_fraction: float) -> str:
-    """Hash of what determines the shards: file paths, sizes and mtimes, the tokenizer and the split."""
+def content_hash(file: CorpusFile, memo: dict[str, list[str]]) -> str:
+    """SHA-256 of the file's bytes, read again only when its :attr:`CorpusFile.stamp` changed (``memo`` holds
+    ``path -> [stamp, hash]`` between runs)."""
+    key = str(file.path.absolute())
+    known = memo.get(key)
+    if known and known[0] == file.stamp:
+        return known[1]
+    digest = hashlib.sha256()
+    for block in _read_bytes(file.path):
+        digest.update(block)
+    memo[key] = [file.stamp, digest.hexdigest()]
+    return memo[key][1]
+
+
+def corpus_key(files: Sequence[CorpusFile], tokenizer: str, val_fraction: float, cache_dir: Path | None = None) -> str:
+    """Hash of what determines the shards: the files' contents (in order), the tokenizer and the split. A corpus
+    edited in place, even to the same size with its mtime put back, gets new shards; the same content elsewhere
+    reuses them. File hashes are remembered in ``<cache_dir>/hashes.json`` so a large corpus is read once."""
+    memo_path = cache_dir / "hashes.json" if cache_dir is not None else None
+    try:
+        memo = json.loads(memo_path.read_text()) if memo_path is not None and memo_path.is_file() else {}
+    except (OSError, ValueError):
+        memo = {}
+    before = json.dumps(memo, sort_keys=True)
     description = {
         "version": FORMAT_VERSION,
-        "files": [(str(f.path), f.size, f.mtime_ns) for f in files],
+        "files": [(f.size, content_hash(f, memo)) for f in files],
         "tokenizer": tokenizer,
         "val_fraction": val_fraction,
     }
+    if memo_path is not None and json.dumps(memo, sort_keys=True) != before:
+        with contextlib.suppress(OSError):  # a read-only cache still works, it just hashes again next time
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo_path.with_name(f".hashes.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, memo_path)
     return hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
 
 
@@ -366,6 +402,7 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self._files: list[CorpusFile] | None = None
+        self._shard_dir: Path | None = None
         self._tokenizer: Tokenizer | None = None
         self.train_set: TokenWindows | None = None
         self.val_set: TokenWindows | None = None
@@ -381,8 +418,10 @@ class TextDataModule(L.LightningDataModule):
     @property
     def shard_dir(self) -> Path:
         """Cache folder of this corpus + tokenizer + split."""
-        key = corpus_key(self.files, self.hparams.tokenizer, self.hparams.val_fraction)
-        return self.cache_dir / f"{self.hparams.tokenizer}-{key}"
+        if self._shard_dir is None:
+            key = corpus_key(self.files, self.hparams.tokenizer, self.hparams.val_fraction, self.cache_dir)
+            self._shard_dir = self.cache_dir / f"{self.hparams.tokenizer}-{key}"
+        return self._shard_dir
 
     @property
     def tokenizer(self) -> Tokenizer:

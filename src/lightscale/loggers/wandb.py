@@ -1,16 +1,78 @@
 """Lightning's W&B logger with one ``mode`` switch, offline by default, and a run id that survives restarts."""
 
+import inspect
+import netrc
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightscale.errors import UserError
+
 Mode = Literal["online", "offline", "disabled"]
 RUN_ID_FILE = "wandb-run-id"
+REACH_TIMEOUT_S = 10.0
+
+
+def _api_key_present(host: str) -> bool:
+    """Whether ``wandb login`` (``~/.netrc``) or ``WANDB_API_KEY`` holds a key for ``host``."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str | None) -> str:
+    """The W&B mode a logger runs in: its own ``mode``, else ``WANDB_MODE``, else offline."""
+    mode = mode or os.environ.get("WANDB_MODE") or "offline"
+    return "offline" if mode == "dryrun" else mode
+
+
+def check_settings(mode: str | None, init_kwargs: dict[str, Any] | None) -> None:
+    """What the CLI checks before anything starts (errors raised inside a logger's constructor reach users only as
+    jsonargparse's "Not a valid subclass of Logger"): ``init_kwargs`` that ``wandb.init`` takes, and for online
+    mode an API key and a server that answers."""
+    mode = resolve_mode(mode)
+    if not init_kwargs and mode != "online":
+        return
+    import wandb  # only for a run that starts: --help and --print_config never get here
+
+    unknown = sorted(set(init_kwargs or {}) - set(inspect.signature(wandb.init).parameters))
+    if unknown:
+        raise UserError(f"WandbLogger init_kwargs: wandb.init() takes no argument {', '.join(unknown)}")
+    if mode == "online":
+        check_online(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url)
+
+
+def check_online(base_url: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail in one line, before the run starts, when W&B online mode cannot work: no API key, or the server (or
+    the HTTPS proxy) does not answer. Left alone, ``wandb.init`` retries for ~100 s and ends in a traceback."""
+    url = urlparse(base_url)
+    host = url.hostname or base_url
+    if not _api_key_present(host):
+        raise UserError(
+            f"W&B online mode needs an API key for {host}: run `wandb login` or set WANDB_API_KEY, or log offline "
+            "(mode: offline) and `wandb sync` the run later"
+        )
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}") if proxy else url
+    address = (target.hostname or host, target.port or (443 if target.scheme == "https" else 80))
+    try:
+        socket.create_connection(address, timeout=timeout).close()
+    except OSError as error:
+        via = f" through the proxy {address[0]}" if proxy else ""
+        raise UserError(
+            f"W&B online mode cannot reach {base_url}{via} ({error.strerror or error}): check the network, or log "
+            "offline (mode: offline) and `wandb sync` the run later"
+        ) from None
 
 
 class WandbLogger(_LightningWandbLogger):
@@ -43,9 +105,7 @@ class WandbLogger(_LightningWandbLogger):
         init_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        mode = mode or os.environ.get("WANDB_MODE", "offline")  # type: ignore[assignment]
-        if mode == "dryrun":
-            mode = "offline"
+        mode = resolve_mode(mode)  # type: ignore[assignment]
         if mode not in ("online", "offline", "disabled"):
             raise ValueError(f"trainer.logger WandbLogger: mode must be online, offline or disabled, got {mode!r}")
         if log_model and mode != "online":
@@ -76,6 +136,8 @@ class WandbLogger(_LightningWandbLogger):
             **extra,
             **init,
         )
+        if self._wandb_init.get("anonymous") is None:  # Lightning passes None; wandb warns about the key itself
+            self._wandb_init.pop("anonymous", None)
 
     @property
     @rank_zero_experiment
@@ -84,4 +146,11 @@ class WandbLogger(_LightningWandbLogger):
             os.environ.setdefault("WANDB_SILENT", "true")
             Path(self.save_dir).mkdir(parents=True, exist_ok=True)
             self.run_id_file.write_text(f"{self._id}\n")
+            try:
+                return super().experiment
+            except Exception as error:
+                if type(error).__module__.startswith("wandb"):  # wandb.errors.*: no key, no network, bad setting
+                    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                    raise UserError(f"W&B could not start the run: {reason}") from None
+                raise
         return super().experiment

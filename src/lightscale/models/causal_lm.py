@@ -1,31 +1,25 @@
 """Causal language modelling: next-token cross-entropy training of :class:`~lightscale.nets.gpt.GPT`.
 
-Everything needed to go from a laptop CPU to multi-GPU lives here: AdamW with the usual no-decay groups,
-linear warm-up + cosine decay stepped per optimizer step, optional regional ``torch.compile`` and
-activation checkpointing, and FSDP2 sharding when the Trainer runs ``ModelParallelStrategy``.
+Everything needed to go from a laptop CPU to multi-GPU lives here: the optimizer (AdamW by default) with the usual
+no-decay groups, a schedule planned over the run (warm-up + cosine by default), optional regional
+``torch.compile`` and activation checkpointing, and FSDP2 sharding when the Trainer runs ``ModelParallelStrategy``.
 """
 
 import contextlib
-import math
 from typing import Any
 
 import lightning as L
 import torch
-from jsonargparse.typing import (
-    ClosedUnitInterval,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-)
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFloat, PositiveInt
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightscale.models.hook_state import FastHookState
-from lightscale.models.optim import warmup_cosine
 from lightscale.nets.gpt import GPT, GPTConfig
+from lightscale.parallel import fsdp2
+from lightscale.schedules import WarmupCosine, build_scheduler
 
 
 def param_groups(module: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict[str, Any]]:
@@ -47,12 +41,6 @@ def param_groups(module: nn.Module, weight_decay: float, decay_embeddings: bool 
     ]
 
 
-def lr_multiplier(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Factor on ``lr`` at optimizer step ``step``: linear warm-up, then cosine decay to ``min_lr`` at
-    ``total_steps`` and flat after (nanoGPT's ``get_lr``)."""
-    return warmup_cosine(step, warmup_steps, total_steps, floor=min_lr / lr)
-
-
 def _eager() -> contextlib.AbstractContextManager:
     """Run compiled modules eagerly: sampling changes the sequence length every token, which would make a
     compiled model recompile."""
@@ -60,7 +48,7 @@ def _eager() -> contextlib.AbstractContextManager:
     return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
-class CausalLM(FastHookState, L.LightningModule):
+class CausalLM(L.LightningModule):
     """Trains a GPT to predict the next token; ``vocab_size`` is linked from the DataModule by the CLI.
 
     Batches are int64 tensors of shape (batch, block_size + 1): inputs are ``batch[:, :-1]``, targets
@@ -68,11 +56,12 @@ class CausalLM(FastHookState, L.LightningModule):
 
     Args:
         vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias: the :class:`GPTConfig`.
-        lr, min_lr: peak learning rate and the floor the cosine decays to.
-        warmup_steps: linear warm-up length in optimizer steps.
-        max_steps: length of the cosine decay; ``None`` takes the Trainer's estimated optimizer steps.
-        weight_decay, betas: AdamW settings (decay applies to Linear weights only).
-        fused: fused AdamW kernel; ``None`` means on CUDA only.
+        lr: peak learning rate, given to the optimizer.
+        weight_decay: applied to the weight matrices of Linear layers only (see :func:`param_groups`).
+        optimizer: any ``torch.optim`` class (or callable taking parameter groups), e.g. in YAML
+            ``{class_path: torch.optim.AdamW, init_args: {betas: [0.9, 0.95]}}``; it gets ``lr`` from here.
+        scheduler: an LR schedule stepped every optimizer step, planned over the run's length
+            (:mod:`lightscale.schedules`: warm-up + cosine by default); ``null`` for a constant lr.
         compile: ``torch.compile`` each transformer block (regional compilation: compiled once, reused by
             every block, and FSDP's hooks stay outside the compiled graphs).
         activation_checkpointing: recompute block activations in backward to save memory.
@@ -92,12 +81,9 @@ class CausalLM(FastHookState, L.LightningModule):
         dropout: ClosedUnitInterval = 0.0,
         bias: bool = False,
         lr: PositiveFloat = 1e-3,
-        min_lr: NonNegativeFloat = 1e-4,
-        warmup_steps: NonNegativeInt = 100,
-        max_steps: PositiveInt | None = None,
         weight_decay: NonNegativeFloat = 0.1,
-        betas: tuple[ClosedUnitInterval, ClosedUnitInterval] = (0.9, 0.99),
-        fused: bool | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = WarmupCosine,
         compile: bool = False,
         activation_checkpointing: bool = False,
         max_new_tokens: PositiveInt = 200,
@@ -106,9 +92,8 @@ class CausalLM(FastHookState, L.LightningModule):
         sample_prompt: str | None = "\n",
     ) -> None:
         super().__init__()
-        if min_lr > lr:
-            raise ValueError(f"model.min_lr ({min_lr}) must not exceed model.lr ({lr})")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer, self.scheduler = optimizer, scheduler
         config = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias)
         self.net = GPT(config, activation_checkpointing=activation_checkpointing)
         self._flops_per_token: dict[int | None, int] = {}
@@ -141,15 +126,7 @@ class CausalLM(FastHookState, L.LightningModule):
             for block in self.net.blocks:
                 block.compile()
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            policy = MixedPrecisionPolicy()
-            if self.trainer.precision == "bf16-mixed":  # gather bf16 weights, reduce gradients in fp32
-                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            for block in self.net.blocks:
-                fully_shard(block, mesh=mesh, mp_policy=policy)
-            fully_shard(self.net, mesh=mesh, mp_policy=policy)
+            fsdp2(self.net, self.net.blocks, self.device_mesh["data_parallel"], str(self.trainer.precision))
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -165,12 +142,7 @@ class CausalLM(FastHookState, L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        # Not on the progress bar: it reads its metrics every step, which would sync the host with the GPU.
-        self.log("train/loss", loss, on_step=True)
-        every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:
-            # only at the logging cadence: self.log copies a Python float to the device, a blocking copy
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], on_step=True)
+        self.log("train/loss", loss)  # not on the progress bar: it reads every step, a host sync on a GPU
         return loss
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
@@ -179,22 +151,12 @@ class CausalLM(FastHookState, L.LightningModule):
     def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.log("test/loss", self._loss(batch), on_epoch=True, sync_dist=True)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        fused = self.device.type == "cuda" if hp.fused is None else hp.fused
-        optimizer = torch.optim.AdamW(
-            param_groups(self.net, hp.weight_decay, self.decay_embeddings),
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-            fused=fused or None,
-        )
-        total = hp.max_steps or self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ValueError("set model.max_steps or trainer.max_steps: the LR schedule needs a length")
-        total = int(total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, hp.lr, hp.min_lr, hp.warmup_steps, total)
-        )
+    def configure_optimizers(self) -> Any:
+        groups = param_groups(self.net, self.hparams.weight_decay, self.decay_embeddings)
+        optimizer = self.optimizer(groups, lr=self.hparams.lr)
+        if self.scheduler is None:
+            return optimizer
+        scheduler = build_scheduler(self.scheduler, optimizer, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- text --------------------------------------------------------------------------------------------
