@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightscale.hardware import cpu_name
+from lightscale.core.hardware import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 SKIPPED_NO_CUDA = "skipped: no CUDA device"
@@ -138,7 +138,7 @@ def setup_quiet() -> None:
     os.environ.pop("LIGHTSCALE_RUN_DIR", None)
     import warnings
 
-    from lightscale.cli import silence_dependency_chatter
+    from lightscale.cli.main import silence_dependency_chatter
 
     silence_dependency_chatter()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

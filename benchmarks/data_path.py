@@ -31,7 +31,7 @@ CASES = {
 
 def build(config: str, root: str) -> Any:
     from lightscale.cli import LightscaleCLI
-    from lightscale.run_dir import RUN_DIR_ENV
+    from lightscale.core.run_dir import RUN_DIR_ENV
 
     args = [
         "--config",

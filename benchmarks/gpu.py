@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-    from lightscale.callbacks.throughput import ThroughputLogger
     from lightscale.models.causal_lm import CausalLM
-    from lightscale.perf import enable_tf32
+    from lightscale.schedules import WarmupCosine
+    from lightscale.tracking.throughput import ThroughputLogger
+    from lightscale.training.perf import enable_tf32
     from synthetic import RandomTokens
 
     shape = TINY if args.smoke else GPT_124M
@@ -54,10 +56,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         dropout=0.0,
         bias=False,
         lr=6e-4,
-        min_lr=6e-5,
-        warmup_steps=10,
-        max_steps=args.steps,
-        betas=(0.9, 0.95),
+        optimizer=partial(torch.optim.AdamW, betas=(0.9, 0.95), fused=cuda),
+        scheduler=partial(WarmupCosine, total_steps=args.steps, warmup_steps=10, min_lr_ratio=0.1),
         compile=cuda,
         sample_prompt=None,
     )

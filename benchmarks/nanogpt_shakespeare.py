@@ -56,10 +56,15 @@ def main() -> int:
         print(f"skipped: corpus not found ({corpus}; set LIGHTSCALE_SHAKESPEARE)")
         return 0
 
-    import lightning as L
+    from functools import partial
 
-    from lightscale.data.text import TextDataModule, token_dtype
+    import lightning as L
+    import torch
+
+    from lightscale.data.corpus import token_dtype
+    from lightscale.data.text import TextDataModule
     from lightscale.models.causal_lm import CausalLM
+    from lightscale.schedules import WarmupCosine
 
     class NanoGPTRecipe(CausalLM):
         decay_embeddings = True  # nanoGPT decays every parameter with >= 2 dims
@@ -87,11 +92,9 @@ def main() -> int:
         dropout=0.0,
         bias=False,
         lr=1e-3,
-        min_lr=1e-4,
-        warmup_steps=100,
-        max_steps=STEPS,
         weight_decay=0.1,
-        betas=(0.9, 0.99),
+        optimizer=partial(torch.optim.AdamW, betas=(0.9, 0.99)),
+        scheduler=partial(WarmupCosine, total_steps=STEPS, warmup_steps=100, min_lr_ratio=0.1),
         sample_prompt=None,
     )
     with tempfile.TemporaryDirectory() as root:  # nothing is written: no logger, no checkpoints

@@ -122,7 +122,7 @@ def gpt124m_case(quick: bool, smoke: bool = False) -> Case:
     }
     for key, value in trainer.items():
         overrides += [f"--trainer.{key}", str(value)]
-    model = {"warmup_steps": 10}
+    model = {"scheduler.init_args.warmup_steps": 10}
     if smoke:
         model.update(n_layer=2, n_head=2, n_embd=64, block_size=64, compile="false")
     for key, value in model.items():
@@ -176,13 +176,14 @@ def plain_digits(cli: Any, init: dict[str, Any], arm: Arm, seed: int) -> None:
     import torch.nn.functional as F
 
     from lightscale.nets import SmallCNN
+    from lightscale.schedules import build_scheduler
 
     hp, trainer = cli.model.hparams, cli.trainer
     data = fresh_datamodule(cli)
     data.setup("fit")
     net = SmallCNN(hp.num_classes, hp.in_channels, tuple(hp.channels), hp.dropout)
     net.load_state_dict({k.removeprefix("net."): v for k, v in init.items() if k.startswith("net.")})
-    optimizer = torch.optim.AdamW(net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay, fused=True)
+    optimizer = cli.model.optimizer(net.parameters(), lr=hp.lr)  # the configured optimizer, as the model builds it
     arm.optimizer = optimizer_settings(optimizer)
     out = Path(tempfile.mkdtemp(prefix="plain-digits-"))
     best, step = math.inf, 0
@@ -190,8 +191,7 @@ def plain_digits(cli: Any, init: dict[str, Any], arm: Arm, seed: int) -> None:
     start = time.perf_counter()
     # after seeding: the loader's shuffling generator is seeded from the global RNG when it is built
     train_loader, val_loader = data.train_dataloader(), data.val_dataloader()
-    total = trainer.max_epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[hp.lr], total_steps=total)
+    scheduler = build_scheduler(cli.model.scheduler, optimizer, trainer.max_epochs * len(train_loader))
     for epoch in range(trainer.max_epochs):
         net.train()
         for images, labels in train_loader:
@@ -231,8 +231,9 @@ def plain_gpt(cli: Any, init: dict[str, Any], arm: Arm, seed: int) -> None:
     import lightning as L
     import torch
 
-    from lightscale.models.causal_lm import lr_multiplier, param_groups
+    from lightscale.models.causal_lm import param_groups
     from lightscale.nets.gpt import GPT, GPTConfig
+    from lightscale.schedules import build_scheduler
 
     hp, trainer = cli.model.hparams, cli.trainer
     device = trainer.strategy.root_device
@@ -247,15 +248,10 @@ def plain_gpt(cli: Any, init: dict[str, Any], arm: Arm, seed: int) -> None:
             block.compile()
     bf16 = str(trainer.precision).startswith("bf16")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    fused = (device.type == "cuda") if hp.fused is None else hp.fused  # CausalLM's rule
-    optimizer = torch.optim.AdamW(
-        param_groups(net, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), fused=fused or None
-    )
+    optimizer = cli.model.optimizer(param_groups(net, hp.weight_decay), lr=hp.lr)  # as CausalLM builds it
     arm.optimizer = optimizer_settings(optimizer)
     steps, every = trainer.max_steps, int(trainer.val_check_interval)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, hp.lr, hp.min_lr, hp.warmup_steps, steps)
-    )
+    scheduler = build_scheduler(cli.model.scheduler, optimizer, steps)
     tokenizer = getattr(data, "tokenizer", None)
     out = Path(tempfile.mkdtemp(prefix="plain-gpt-"))
     best = math.inf
@@ -305,7 +301,7 @@ def plain_gpt(cli: Any, init: dict[str, Any], arm: Arm, seed: int) -> None:
 
 def build_cli(case: Case, root: str, extra: list[str]) -> Any:
     from lightscale.cli import LightscaleCLI
-    from lightscale.run_dir import RUN_DIR_ENV
+    from lightscale.core.run_dir import RUN_DIR_ENV
 
     args = ["--config", str(REPO / case.config), "--run.root", root, *case.overrides, *extra]
     cli = LightscaleCLI(args=args, run=False)
@@ -316,7 +312,7 @@ def build_cli(case: Case, root: str, extra: list[str]) -> Any:
 def run_template(cli: Any, arm: Arm, seed: int) -> None:
     import lightning as L
 
-    from lightscale.cli import _finish_wandb
+    from lightscale.cli.main import finish_wandb
 
     cli.trainer.callbacks.append(make_probe(arm))
     L.seed_everything(seed, verbose=False)
@@ -328,7 +324,7 @@ def run_template(cli: Any, arm: Arm, seed: int) -> None:
         torch.cuda.synchronize()
     arm.seconds = time.perf_counter() - start
     arm.optimizer = optimizer_settings(cli.trainer.optimizers[0])
-    _finish_wandb()
+    finish_wandb()
 
 
 def run_bare_trainer(cli: Any, arm: Arm, seed: int) -> None:

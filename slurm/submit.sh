@@ -48,7 +48,7 @@ if [[ -n "$SWEEP" ]]; then
     if [[ "$SWEEP" != wandb:* ]]; then
         SWEEP_PREFLIGHT=(--sweep "$SWEEP")
         if ! printf '%s\n' "${SBATCH_OPTS[@]}" | grep -q -- '^--array='; then
-            POINTS="$(python -m lightscale.sweep count "$SWEEP")"
+            POINTS="$(python -m lightscale.cluster.sweep count "$SWEEP")"
             SBATCH_OPTS+=("--array=0-$((POINTS - 1))")
         fi
     elif ! printf '%s\n' "${SBATCH_OPTS[@]}" | grep -q -- '^--array='; then

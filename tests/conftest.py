@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lightscale.run_dir import RUN_DIR_ENV
+from lightscale.core.run_dir import RUN_DIR_ENV
 
 pytest_plugins = ["cluster.fixtures"]
 
@@ -61,7 +61,7 @@ def isolated_run_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
 
 def run_cli(*args: str) -> int:
     """Run ``lightscale ARGS`` in this process; returns the exit code (0 when it returned normally)."""
-    from lightscale.cli import main
+    from lightscale.__main__ import main
 
     try:
         main(list(args))

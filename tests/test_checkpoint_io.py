@@ -15,9 +15,9 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 from conftest import CONFIGS, run_cli
 from lightscale.callbacks import Checkpoint
-from lightscale.checkpoint_io import CheckpointError, SafeCheckpointIO, atomic_save, safe_load
-from lightscale.fault_tolerance import install_checkpoint_io
-from lightscale.resume import resolve_resume_path
+from lightscale.cli.checkpoints import install_checkpoint_io
+from lightscale.resilience.checkpoint_io import CheckpointError, SafeCheckpointIO, atomic_save, safe_load
+from lightscale.resilience.resume import resolve_resume_path
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 

@@ -56,7 +56,7 @@ def test_wandb_offline_run_holds_metrics_and_nested_config(trained_run: Path) ->
     assert run.config["model"]["init_args"]["lr"] == 0.003
     assert run.config["trainer"]["max_epochs"] == 8
     assert run.config["data"]["class_path"] == "lightscale.data.DigitsDataModule"
-    train_losses = [row["train/loss_step"] for row in run.history if "train/loss_step" in row]
+    train_losses = [row["train/loss"] for row in run.history if "train/loss" in row]
     assert len(train_losses) == 8 * 10 // 10  # every log_every_n_steps=10 steps
     val_acc = [row["val/acc"] for row in run.history if "val/acc" in row]
     assert len(val_acc) == 8

@@ -60,8 +60,8 @@ def test_a_resumed_run_keeps_the_whole_history_of_the_uninterrupted_one() -> Non
 
     reference, resumed = Path("runs/reference"), Path("runs/resumed")
     assert history(resumed) == history(reference)
-    steps = [int(row["step"]) for row in history(resumed) if "train/loss_step" in row]
-    assert steps == sorted(set(steps)) and steps[0] == 0  # every logged step once, from the first
+    steps = [int(row["step"]) for row in history(resumed) if "train/loss" in row]
+    assert steps == [9, 19, 29]  # every logged step (log_every_n_steps 10) once
     ref, res = summary(reference), summary(resumed)
     assert res["status"] == "finished" and (ref["starts"], res["starts"]) == (1, 2)
     assert res["train_samples"] == ref["train_samples"] and res["global_step"] == ref["global_step"] == 30
@@ -82,7 +82,7 @@ def test_training_longer_than_planned(capsys: pytest.CaptureFixture[str]) -> Non
     assert run_cli(*digits("--run.dir", "runs/onecycle", "--trainer.max_epochs", "2")) == 0
     capsys.readouterr()
     assert run_cli(*digits("--run.dir", "runs/onecycle", "--ckpt_path", "auto", "--trainer.max_epochs", "4")) == 2
-    assert "OneCycleLR was planned for 20 optimizer steps and cannot be extended to the 40" in error_line(
+    assert "OneCycle was planned for 20 optimizer steps and cannot be extended to the 40" in error_line(
         capsys.readouterr().err
     )
     cosine = ["--model.scheduler", "lightscale.schedules.WarmupCosine", "--model.scheduler.warmup_steps", "2"]
@@ -91,7 +91,7 @@ def test_training_longer_than_planned(capsys: pytest.CaptureFixture[str]) -> Non
         run_cli(*digits("--run.dir", "runs/cosine", "--ckpt_path", "auto", "--trainer.max_epochs", "4", *cosine)) == 0
     )
     assert summary(Path("runs/cosine"))["global_step"] == 40
-    steps = [int(row["step"]) for row in history(Path("runs/cosine")) if "train/loss_step" in row]
+    steps = [int(row["step"]) for row in history(Path("runs/cosine")) if "train/loss" in row]
     assert steps[-1] == 39 and len(steps) == len(set(steps))
 
 
@@ -311,7 +311,7 @@ def test_bf16_with_a_fused_optimizer_clips_gradients() -> None:
     so the template clips them (to the configured norm) instead of crashing."""
     import lightning as L
 
-    from lightscale.precision import UnscaledMixedPrecision
+    from lightscale.training.precision import UnscaledMixedPrecision
 
     class Big(L.LightningModule):
         def __init__(self) -> None:
@@ -335,7 +335,7 @@ def test_bf16_with_a_fused_optimizer_clips_gradients() -> None:
         accelerator="cpu", precision="bf16-mixed", gradient_clip_val=0.5, max_steps=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
-    from lightscale.precision import install_unscaled_mixed_precision
+    from lightscale.training.precision import install_unscaled_mixed_precision
 
     install_unscaled_mixed_precision(trainer)
     assert isinstance(trainer.precision_plugin, UnscaledMixedPrecision)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightscale.callbacks.throughput import ThroughputLogger, compute_dtype, device_peak_flops
 from lightscale.data.text import TextDataModule
 from lightscale.models.causal_lm import CausalLM, param_groups
 from lightscale.nets.gpt import GPT, GPTConfig
 from lightscale.schedules import WarmupCosine, warmup_cosine
+from lightscale.tracking.throughput import ThroughputLogger, compute_dtype, device_peak_flops
 
 TINY = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 POEM = (

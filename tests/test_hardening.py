@@ -75,7 +75,7 @@ def sharded_checkpoint(folder: Path, source: Path) -> Path:
 
 
 def test_a_sharded_checkpoint_is_vetted_without_running_it(finished_run: Path, tmp_path: Path) -> None:
-    from lightscale.checkpoint_io import CheckpointError, vet_sharded
+    from lightscale.resilience.checkpoint_io import CheckpointError, vet_sharded
 
     marker = tmp_path / "ran"
     folder = sharded_checkpoint(tmp_path / "good", finished_run / "checkpoints" / "last.ckpt")
@@ -258,7 +258,7 @@ def test_an_inherited_run_directory_is_not_trained_into_without_resuming(
 
 
 def test_a_second_writer_of_one_run_directory_fails_at_once(capsys: pytest.CaptureFixture[str]) -> None:
-    from lightscale.run_dir import RunLock
+    from lightscale.core.run_dir import RunLock
 
     run_dir = Path("runs/shared")
     lock = RunLock(run_dir)
@@ -277,7 +277,7 @@ def test_a_lock_left_by_a_killed_run_is_not_stale(tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import time
-            from lightscale.run_dir import RunLock
+            from lightscale.core.run_dir import RunLock
             RunLock({str(tmp_path / "run")!r}).acquire()
             print("locked", flush=True)
             time.sleep(600)
@@ -285,8 +285,8 @@ def test_a_lock_left_by_a_killed_run_is_not_stale(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert holder.stdout.readline().strip() == "locked"
-    from lightscale.errors import UserError
-    from lightscale.run_dir import RunLock
+    from lightscale.core.errors import UserError
+    from lightscale.core.run_dir import RunLock
 
     with pytest.raises(UserError, match="in use by another run"):
         RunLock(tmp_path / "run").acquire()
@@ -419,7 +419,7 @@ def test_a_key_stored_by_wandb_login_is_refused_wherever_it_appears(
     monkeypatch.setenv("NETRC", str(netrc))
     assert run_cli("fit", "--config", DIGITS, "--run.name", "x0123456789abcdef0123456789abcdef01234567") == 2
     assert "must not hold credentials" in error_line(capsys.readouterr().err)
-    from lightscale.checks import check_no_secrets
+    from lightscale.cli.checks import check_no_secrets
 
     check_no_secrets({"data": {"init_args": {"pad_token": "<pad>", "eos_token": "</s>"}}})  # tokenizer words pass
 

@@ -57,7 +57,8 @@ def tiny_config(experiment: str, workdir: Path) -> Path:
         config = {
             "trainer": {**trainer, "max_steps": 4, "val_check_interval": 2},
             "model": {"init_args": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32, "compile": False,
-                                    "max_new_tokens": 4, "warmup_steps": 1}},
+                                    "max_new_tokens": 4,
+                                    "scheduler": {"init_args": {"warmup_steps": 1}}}},
             "data": {"init_args": {"path": str(corpus), "block_size": 32, "batch_size": 4, "val_batches": 2,
                                    "train_samples_per_epoch": 64, "cache_dir": str(workdir / "tokens"),
                                    "val_fraction": 0.1, "num_workers": 0, "tokenizer": offline_tokenizer}},

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import CONFIGS, run_cli, run_dirs
-from lightscale.callbacks.nonfinite import nonfinite_flag
-from lightscale.checkpoint_io import safe_load
+from lightscale.resilience.checkpoint_io import safe_load
+from lightscale.resilience.nonfinite import nonfinite_flag
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 CSV = str(CONFIGS / "logger" / "csv.yaml")
@@ -80,7 +80,7 @@ def test_a_pending_non_finite_flag_blocks_the_next_checkpoint() -> None:
     """The GPU path of ``stop`` reads flags late (no per-step sync); a checkpoint must wait for them."""
     from types import SimpleNamespace
 
-    from lightscale.callbacks.nonfinite import NonFiniteError, NonFiniteGuard, _Flag
+    from lightscale.resilience.nonfinite import NonFiniteError, NonFiniteGuard, _Flag
 
     guard = NonFiniteGuard("stop")
     trainer = SimpleNamespace(checkpoint_callback=None)
@@ -99,7 +99,7 @@ def test_both_verdict_paths_stop_and_skip_on_a_non_finite_gradient(loss_shape: t
     the device-flag path. Both must see a NaN gradient, name the step, and skip by dropping the gradients."""
     from types import SimpleNamespace
 
-    from lightscale.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
+    from lightscale.resilience.nonfinite import NonFiniteError, NonFiniteGuard
 
     def trainer() -> SimpleNamespace:
         return SimpleNamespace(

@@ -8,17 +8,18 @@ import pytest
 from jsonargparse import Namespace
 
 from conftest import CONFIGS, REPO, run_cli
-from lightscale.errors import UserError
-from lightscale.preflight import (
+from lightscale.cli.preflight import split_args
+from lightscale.cluster.resources import (
     Resources,
     check_launch,
     gpu_count,
     gres_gpu_count,
     resolve_resources,
     sbatch_options,
-    split_args,
     state_bytes_per_param,
+    tasks_per_node,
 )
+from lightscale.core.errors import UserError
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 CPU = str(CONFIGS / "trainer" / "cpu.yaml")
@@ -33,6 +34,13 @@ def preflight(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str,
 
 
 # ------------------------------------------------------------------------------------------- resources
+def test_tasks_per_node() -> None:
+    assert tasks_per_node({"SLURM_NTASKS_PER_NODE": "4"}) == 4
+    assert tasks_per_node({"SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2"}) == 4
+    with pytest.raises(UserError):
+        tasks_per_node({"SLURM_NTASKS": "3", "SLURM_JOB_NUM_NODES": "2"})
+
+
 def test_gpu_specs() -> None:
     assert [gpu_count(s) for s in ("4", "a100:4", "0", None)] == [4, 4, 0, None]
     assert [gres_gpu_count(s) for s in ("gpu:4", "gpu:a100:2", "gpu", "nvme:1", "gpu:8,nvme:1")] == [4, 2, 1, 0, 8]
@@ -129,7 +137,7 @@ def test_preflight_ok_runs_one_cpu_step(capsys: pytest.CaptureFixture[str], tmp_
         "--config", CPU,
     )  # fmt: skip
     assert code == 0, err
-    assert "params     65834 (65834 trainable)" in out
+    assert "params     65.8 K (65.8 K trainable)" in out
     assert "1 node(s) x 2 task(s) x 0 GPU(s)" in out and "devices=2 num_nodes=1" in out and "world size 2" in out
     assert "one training + one validation batch on the CPU: ok" in out and out.rstrip().endswith("preflight ok")
     assert not (tmp_path / "runs").exists()  # nothing written into a run

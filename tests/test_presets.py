@@ -46,7 +46,7 @@ def test_fast_dev_run_runs_one_batch_and_writes_no_logs() -> None:
 def test_overfit_batches_memorises_one_batch() -> None:
     args = ("--config", preset("overfit_batches"), "--config", CSV_ONLY, "--trainer.max_epochs", "40", *FAST)
     assert run_cli("fit", "--config", DIGITS, *args) == 0
-    losses = column(the_run(), "train/loss_step")
+    losses = column(the_run(), "train/loss")
     assert len(losses) == 40  # one batch per epoch, logged every step
     assert losses[0] > 1.5 and losses[-1] < 0.05, (losses[0], losses[-1])
 

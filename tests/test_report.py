@@ -14,18 +14,17 @@ import yaml
 
 from conftest import run_cli
 from lightscale.report import (
-    COMPARISON_FILE,
-    REPORT_FILE,
     comparison_charts,
     config_diff,
     expand_run_dirs,
-    overfitting_verdict,
     read_run,
     run_charts,
     write_comparison,
     write_report,
 )
-from lightscale.report_plots import draw
+from lightscale.report.analysis import overfitting_verdict
+from lightscale.report.command import COMPARISON_FILE, REPORT_FILE
+from lightscale.report.plots import draw
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS_PER_EPOCH = 10

@@ -26,12 +26,12 @@ from helpers.resume import (
     wait,
 )
 from lightscale.callbacks import Checkpoint
-from lightscale.callbacks.exact_resume import ExactResume
-from lightscale.checkpoint_io import SafeCheckpointIO
 from lightscale.data import DigitsDataModule
-from lightscale.data.worker_rng import WorkerRNG
 from lightscale.models import Classifier
-from lightscale.resume import find_candidates, resolve_resume_path
+from lightscale.resilience.checkpoint_io import SafeCheckpointIO
+from lightscale.resilience.exact_resume import ExactResume
+from lightscale.resilience.resume import find_candidates, resolve_resume_path
+from lightscale.resilience.worker_rng import WorkerRNG
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 CSV = str(CONFIGS / "logger" / "csv.yaml")
@@ -271,26 +271,24 @@ def test_a_requeued_slurm_job_without_ckpt_path_resumes_like_auto(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lightning alone would take hpc_ckpt_1.ckpt (by its number, unopened); the newer last.ckpt wins here."""
-    from types import SimpleNamespace
-
     from jsonargparse import Namespace
 
-    import lightscale.fault_tolerance as ft
+    import lightscale.cli.checkpoints as checkpoints
 
     save_fake_checkpoint(tmp_path / "hpc_ckpt_1.ckpt", 20, 2000)
     save_fake_checkpoint(tmp_path / "checkpoints" / "last.ckpt", 30, 3000)
-    cli = SimpleNamespace(config_init={"fit": Namespace(ckpt_path=None)}, run_dir=tmp_path, model=torch.nn.Module())
-    monkeypatch.setattr(ft.SLURMEnvironment, "detect", staticmethod(lambda: True))
-    ft.FaultTolerance._prepare_checkpoint(cli, "fit")  # type: ignore[arg-type]
-    assert cli.config_init["fit"].ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")
-    monkeypatch.setattr(ft.SLURMEnvironment, "detect", staticmethod(lambda: False))
-    cli.config_init["fit"].ckpt_path = None
-    ft.FaultTolerance._prepare_checkpoint(cli, "fit")  # type: ignore[arg-type]
-    assert cli.config_init["fit"].ckpt_path is None  # outside SLURM: no implicit resume
+    config = Namespace(ckpt_path=None)
+    monkeypatch.setattr(checkpoints.SLURMEnvironment, "detect", staticmethod(lambda: True))
+    checkpoints.resolve_checkpoint("fit", config, tmp_path, torch.nn.Module())
+    assert config.ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")
+    monkeypatch.setattr(checkpoints.SLURMEnvironment, "detect", staticmethod(lambda: False))
+    config.ckpt_path = None
+    checkpoints.resolve_checkpoint("fit", config, tmp_path, torch.nn.Module())
+    assert config.ckpt_path is None  # outside SLURM: no implicit resume
 
 
 def test_last_checkpoint_is_refreshed_every_m_minutes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lightscale.callbacks.checkpoint as checkpoint_module
+    import lightscale.resilience.checkpoint as checkpoint_module
 
     clock = {"now": 0.0}
 

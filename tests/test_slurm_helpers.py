@@ -13,9 +13,10 @@ import yaml
 
 from conftest import CONFIGS, REPO, run_cli
 from helpers.wandb_offline import find_offline_runs, read_offline_run
-from lightscale.errors import UserError
-from lightscale.slurm import check_srun, job_key, job_run_dir, run_location, tasks_per_node
-from lightscale.sweep import format_value, load_points, point_args
+from lightscale.cluster.launch import check_srun, launch_id
+from lightscale.cluster.slurm import job_info, job_key, job_run_dir, run_location
+from lightscale.cluster.sweep import format_value, load_points, point_args
+from lightscale.core.errors import UserError
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 CPU = str(CONFIGS / "trainer" / "cpu.yaml")
@@ -68,11 +69,18 @@ def test_array_tasks_get_their_own_dirs(tmp_path: Path) -> None:
     assert job_run_dir(["--config", DIGITS, "--run.root", str(tmp_path)], env).name.endswith("-slurm39_1")
 
 
-def test_tasks_per_node() -> None:
-    assert tasks_per_node({"SLURM_NTASKS_PER_NODE": "4"}) == 4
-    assert tasks_per_node({"SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2"}) == 4
-    with pytest.raises(UserError):
-        tasks_per_node({"SLURM_NTASKS": "3", "SLURM_JOB_NUM_NODES": "2"})
+def test_every_rank_of_a_launch_derives_the_same_run_name() -> None:
+    array_task = {"SLURM_JOB_ID": "40", "SLURM_ARRAY_JOB_ID": "39", "SLURM_ARRAY_TASK_ID": "1", "SLURM_NTASKS": "4"}
+    assert launch_id(array_task) == "slurm-39_1" and job_key(array_task) == "39_1"
+    assert launch_id({"TORCHELASTIC_RUN_ID": "abc", "WORLD_SIZE": "2"}) == "torchrun-abc"
+    assert launch_id({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None  # one task: a random name is fine
+    assert job_info(array_task) == {
+        "job_id": 40,
+        "array_job_id": 39,
+        "array_task_id": 1,
+        "ntasks": 4,
+        "restart_count": 0,
+    }
 
 
 def test_refuses_to_start_without_srun() -> None:
@@ -125,18 +133,21 @@ def test_grid_and_points(tmp_path: Path) -> None:
 def test_shipped_sweep_files_parse() -> None:
     assert len(load_points(REPO / "slurm" / "sweeps" / "digits-lr.yaml")) == 6
     spec = yaml.safe_load((REPO / "slurm" / "sweeps" / "wandb-digits.yaml").read_text())
-    assert spec["command"][-3:] == ["lightscale.sweep", "run", "${args}"]
+    assert spec["command"][-3:] == ["lightscale.cluster.sweep", "run", "${args}"]
 
 
 def test_sweep_cli_point(tmp_path: Path) -> None:
     sweep = tmp_path / "s.yaml"
     sweep.write_text("grid:\n  model.init_args.lr: [0.1, 0.2, 0.3]\n")
     out = subprocess.run(
-        [sys.executable, "-m", "lightscale.sweep", "point", str(sweep), "2"], capture_output=True, text=True
+        [sys.executable, "-m", "lightscale.cluster.sweep", "point", str(sweep), "2"], capture_output=True, text=True
     )
     assert out.stdout.split() == ["--model.init_args.lr=0.3"]
-    out = subprocess.run([sys.executable, "-m", "lightscale.sweep", "grid", str(sweep), "3", "--", "true"], text=True,
-                         capture_output=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "lightscale.cluster.sweep", "grid", str(sweep), "3", "--", "true"],
+        text=True,
+        capture_output=True,
+    )
     assert out.returncode == 2 and "--array=0-2" in out.stderr
 
 
@@ -156,7 +167,7 @@ def test_wandb_agent_values_reach_the_config(tmp_path: Path) -> None:
     }
     agent_args = ["--model.init_args.lr=0.0123", "--data.init_args.batch_size=32"]
     proc = subprocess.run(
-        [sys.executable, "-m", "lightscale.sweep", "run", *agent_args],
+        [sys.executable, "-m", "lightscale.cluster.sweep", "run", *agent_args],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -183,7 +194,7 @@ def test_requeued_agent_task_repeats_its_point(tmp_path: Path) -> None:
     fake_agent.parent.mkdir()
     fake_agent.write_text('#!/bin/bash\necho "$*" > agent-called\nexit 7\n')
     fake_agent.chmod(0o755)
-    command = [sys.executable, "-m", "lightscale.sweep", "agent", "e/p/s", "--", "echo", "fit", "{}", "--tail"]
+    command = [sys.executable, "-m", "lightscale.cluster.sweep", "agent", "e/p/s", "--", "echo", "fit", "{}", "--tail"]
     first = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert first.returncode == 7  # first start: `wandb agent --count 1` runs (here a stand-in)
     assert (tmp_path / "agent-called").read_text().split() == ["agent", "--count", "1", "e/p/s"]
@@ -208,7 +219,7 @@ def test_requeue_decision(
 ) -> None:
     """USR1 always requeues; SIGTERM only when SLURM ends the job for its time limit or a preemption, never
     after the user's own `scancel` (which would otherwise be undone)."""
-    from lightscale.callbacks.graceful_stop import _requeue
+    from lightscale.cluster.slurm import requeue
 
     calls = tmp_path / "calls"
     scontrol = tmp_path / "bin" / "scontrol"
@@ -221,5 +232,5 @@ def test_requeue_decision(
     monkeypatch.setenv("PATH", f"{scontrol.parent}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
-    assert _requeue(sigterm=sigterm) is requeued
+    assert requeue(sigterm=sigterm) is requeued
     assert ("requeue 7" in calls.read_text().splitlines()) is requeued

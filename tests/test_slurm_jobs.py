@@ -267,7 +267,7 @@ def test_wandb_agent_array_task(slurm_cluster: SlurmCluster, tmp_path: Path) -> 
     (bin_dir / "activate").write_text(f"export PATH={bin_dir}:{REPO / '.venv' / 'bin'}:$PATH\n")
     (bin_dir / "wandb").write_text(
         '#!/bin/bash\n[[ "$1 $2 $3" == "agent --count 1" ]] || exit 3\necho "$4" > agent-called\n'
-        "WANDB_RUN_ID=agent$SLURM_ARRAY_TASK_ID exec python -m lightscale.sweep run "
+        "WANDB_RUN_ID=agent$SLURM_ARRAY_TASK_ID exec python -m lightscale.cluster.sweep run "
         "--model.init_args.lr=0.0077 --data.init_args.batch_size=32\n"
     )
     (bin_dir / "wandb").chmod(0o755)

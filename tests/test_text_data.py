@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from lightscale.data import text as text_module
-from lightscale.data.text import TextDataModule, TokenWindows, list_corpus, token_dtype
+from lightscale.data.corpus import list_corpus, token_dtype
+from lightscale.data.text import TextDataModule
 from lightscale.data.tokenizers import ByteTokenizer, CharTokenizer, TiktokenTokenizer
+from lightscale.data.windows import TokenWindows
 
 PARAGRAPH = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "

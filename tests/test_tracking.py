@@ -26,10 +26,11 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from conftest import CONFIGS, run_cli, run_dirs
 from helpers.wandb_offline import OfflineRun, find_offline_runs, read_offline_run
 from lightscale.callbacks import LineLogger, ProgressBar
-from lightscale.callbacks.progress import progress_settings
-from lightscale.callbacks.provenance import _without_credentials, git_info, slurm_info
+from lightscale.cluster.slurm import job_info
 from lightscale.models import Classifier
 from lightscale.report import flatten, read_run, run_charts
+from lightscale.tracking.progress import progress_settings
+from lightscale.tracking.provenance import _without_credentials, git_info
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 EPOCHS, BATCHES, EVERY = 3, 6, 2
@@ -155,9 +156,9 @@ def test_provenance_is_logged_and_saved(tracked: Tracked) -> None:
 def test_history_has_train_loss_at_the_cadence_and_val_per_epoch(tracked: Tracked) -> None:
     run = tracked.wandb
     steps = EPOCHS * BATCHES
-    train = run.metric("train/loss_step")
+    train = run.metric("train/loss")
     assert len(train) == steps // EVERY
-    assert [row["trainer/global_step"] for row in run.history if "train/loss_step" in row] == list(
+    assert [row["trainer/global_step"] for row in run.history if "train/loss" in row] == list(
         range(EVERY - 1, steps, EVERY)
     )
     val = [row for row in run.history if "val/loss" in row]
@@ -204,7 +205,7 @@ def test_report_is_written_at_the_end_and_plots_the_logged_values(tracked: Track
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name}.png)" in report
     charts = {chart.name: chart for chart in run_charts(read_run(run_dir))}
     curves = {curve.key: curve for curve in charts["loss"].panels[0].curves if curve.key}
-    for key in ("train/loss_step", "val/loss", "test/loss"):
+    for key in ("train/loss", "val/loss", "test/loss"):
         logged = _csv_column(run_dir / "metrics.csv", key)
         assert list(zip(curves[key].x, curves[key].y, strict=True)) == logged
     assert "job 4242, array 4240_2, restarts 1" in report
@@ -239,8 +240,8 @@ def test_progress_display_follows_the_terminal_and_yields_to_the_user() -> None:
 
 def test_provenance_outside_git_and_outside_slurm(tmp_path: Path) -> None:
     assert git_info(tmp_path) == (None, "")
-    assert slurm_info({}) is None
-    assert slurm_info({"SLURM_JOB_ID": "9"}) == {"job_id": 9, "restart_count": 0}
+    assert job_info({}) is None
+    assert job_info({"SLURM_JOB_ID": "9"}) == {"job_id": 9, "restart_count": 0}
     assert _without_credentials("https://user:token@github.com/a/b.git") == "https://github.com/a/b.git"
     assert _without_credentials("git@github.com:a/b.git") == "git@github.com:a/b.git"
 

@@ -69,10 +69,6 @@ class CharTokenizer:
         self.vocab_size = len(self.chars)
         self._codepoints = np.array([ord(c) for c in self.chars], dtype=np.int64)  # sorted, for searchsorted
 
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls(set(text))
-
     def encode(self, text: str) -> np.ndarray:
         codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
         ids = np.searchsorted(self._codepoints, codepoints)

@@ -18,8 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightscale.nets.gpt import GPT, GPTConfig
-from lightscale.parallel import fsdp2
 from lightscale.schedules import WarmupCosine, build_scheduler
+from lightscale.training.parallel import fsdp2
 
 
 def param_groups(module: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict[str, Any]]:

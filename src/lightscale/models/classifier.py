@@ -12,8 +12,8 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightscale.nets import SmallCNN
-from lightscale.parallel import fsdp2, is_sharded
 from lightscale.schedules import OneCycle, build_scheduler
+from lightscale.training.parallel import fsdp2, is_sharded
 
 
 class Classifier(L.LightningModule):
@@ -79,15 +79,15 @@ class Classifier(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
-        self.val_metrics.update(logits, labels)
         self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)
+        self.val_metrics.update(logits, labels)
         self.log_dict(self.val_metrics, prog_bar=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
-        self.test_metrics.update(logits, labels)
         self.log("test/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.test_metrics.update(logits, labels)
         self.log_dict(self.test_metrics)
 
     def predict_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> dict[str, torch.Tensor]:

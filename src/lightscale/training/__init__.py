@@ -1,0 +1,6 @@
+"""How the Trainer runs: process-wide speed settings, a bf16 precision plugin that lets fused optimizers clip,
+FSDP2 sharding, Lightning's LR and batch-size finders kept in step with the schedule, and the check that turns a
+model's failure on its first batch into one line.
+
+Imports :mod:`lightscale.core` and Lightning; nothing above them.
+"""
