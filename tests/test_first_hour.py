@@ -149,12 +149,15 @@ def test_a_saved_config_with_an_appended_callback_re_runs() -> None:
         "--trainer.callbacks+=lightning.pytorch.callbacks.StochasticWeightAveraging",
         "--trainer.callbacks.swa_lrs",
         "0.01",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.Timer",  # an enum default (interval=Interval.step)
     ]
     assert run_cli(*digits("--trainer.max_epochs", "2", *swa)) == 0
     (first,) = run_dirs()
     saved = yaml.safe_load((first / "config.yaml").read_text())
     swa_config = next(c for c in saved["trainer"]["callbacks"] if c["class_path"].endswith("StochasticWeightAveraging"))
     assert swa_config["init_args"]["device"] == "cpu"
+    timer_config = next(c for c in saved["trainer"]["callbacks"] if c["class_path"].endswith("Timer"))
+    assert timer_config["init_args"]["interval"] == "step"
     assert run_cli("fit", "--config", str(first / "config.yaml")) == 0
     (second,) = [p for p in run_dirs() if p != first]
     # 2 epochs of 10 steps, and SWA's extra one-batch epoch that updates the batch-norm statistics

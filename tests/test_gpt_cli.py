@@ -145,3 +145,17 @@ def test_fsdp_preset_through_the_cli_saves_and_resumes_sharded(tmp_path: Path) -
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert summary(run_dir)["global_step"] == 45
+
+
+@pytest.mark.slow
+def test_predict_on_more_processes_than_prompts_is_one_line(tmp_path: Path) -> None:
+    """Lightning cannot give a process no sample (it asserts deep in its sampler wrapper): refused at once."""
+    result = python_cli(
+        "predict", *TINY, "--config", str(CONFIGS / "trainer" / "ddp.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data.prompts", '["def "]',
+        "--data.cache_dir", str(tmp_path / "tokens"), timeout=400,
+    )  # fmt: skip
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lightscale: error:")]
+    assert errors and all("data.prompts: 1 prompt(s) for 2 processes" in line for line in errors), result.stderr
+    assert "Traceback" not in result.stderr and not run_dirs()

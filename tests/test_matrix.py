@@ -61,7 +61,8 @@ def tiny_config(experiment: str, workdir: Path) -> Path:
                                     "scheduler": {"init_args": {"warmup_steps": 1}}}},
             "data": {"init_args": {"path": str(corpus), "block_size": 32, "batch_size": 4, "val_batches": 2,
                                    "train_samples_per_epoch": 64, "cache_dir": str(workdir / "tokens"),
-                                   "val_fraction": 0.1, "num_workers": 0, "tokenizer": offline_tokenizer}},
+                                   "val_fraction": 0.1, "num_workers": 0, "tokenizer": offline_tokenizer,
+                                   "prompts": ["def ", "import "]}},  # one per process under ddp/fsdp
         }  # fmt: skip
     path = workdir / f"tiny-{experiment}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -8,6 +8,7 @@ validation loss.
 """
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -17,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from lightscale.data.text import TextDataModule
 from lightscale.models.causal_lm import CausalLM
+from lightscale.schedules import WarmupCosine
 
 
 class Record(L.Callback):
@@ -55,7 +57,7 @@ def main() -> None:
         n_head=2,
         n_embd=32,
         lr=3e-3,
-        warmup_steps=2,
+        scheduler=partial(WarmupCosine, warmup_steps=2),
         sample_prompt="Tyger",  # generation after validation must not hang under FSDP2
         max_new_tokens=8,
     )

@@ -58,12 +58,14 @@ def register_config_types() -> None:
     - jsonargparse keeps init_args that also fit a newly chosen class_path; a kept value validated by a restricted
       type (``PositiveFloat``, ...) is a float/int subclass that PyYAML's safe dumper rejects ("cannot represent
       an object"): represent such subclasses as the plain numbers they are.
+    - ``str`` enums as defaults (``Timer(interval=Interval.step)``): the same rejection; written as their value.
     """
     from jsonargparse.typing import register_type
 
     register_type(torch.device, serializer=str, deserializer=torch.device, fail_already_registered=False)
     yaml.SafeDumper.add_multi_representer(float, yaml.SafeDumper.represent_float)
     yaml.SafeDumper.add_multi_representer(int, yaml.SafeDumper.represent_int)
+    yaml.SafeDumper.add_multi_representer(str, lambda dumper, value: dumper.represent_str(str.__str__(value)))
 
 
 class LightscaleCLI(LightningCLI):

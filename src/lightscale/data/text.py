@@ -184,6 +184,12 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(self.val_set)  # Lightning adds a DistributedSampler (no shuffle) across ranks
 
     def predict_dataloader(self) -> StatefulDataLoader:
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        if len(self.hparams.prompts) < processes:  # Lightning cannot give a process no prompt at all
+            raise ValueError(
+                f"data.prompts: {len(self.hparams.prompts)} prompt(s) for {processes} processes; give at least "
+                f"one per process, or predict with --trainer.devices {len(self.hparams.prompts)}"
+            )
         tokenizer = self.tokenizer
         prompts = [torch.from_numpy(tokenizer.encode(p).astype(np.int64)) for p in self.hparams.prompts]
         return self._loader(prompts, batch_size=1, collate_fn=stack_prompts)

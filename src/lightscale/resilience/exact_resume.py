@@ -157,6 +157,38 @@ def reset_epoch_metrics(module: torch.nn.Module) -> None:
             metric.reset()
 
 
+def _to(value: Any, device: torch.device | None) -> Any:
+    if torch.is_tensor(value):
+        return value.detach().to(device) if device is not None else value.detach().clone()
+    return [_to(item, device) for item in value] if isinstance(value, (list, tuple)) else value
+
+
+def persistent_metric_states(module: torch.nn.Module | None) -> dict[str, dict[str, Any]]:
+    """This process's states of the torchmetrics a model keeps in its checkpoints (``persistent(True)``), on the CPU.
+
+    Under DDP every rank accumulates its own part of an epoch, but the checkpoint's ``state_dict`` is rank 0's:
+    a mid-epoch resume that loaded it on every rank would count rank 0's part once per rank. So each rank's part
+    is kept here, beside its generator states."""
+    from torchmetrics import Metric
+
+    if module is None:
+        return {}
+    return {
+        name: {key: _to(value, torch.device("cpu")) for key, value in metric.state_dict().items()}
+        for name, metric in module.named_modules()
+        if isinstance(metric, Metric) and metric.state_dict()
+    }
+
+
+def restore_metric_states(module: torch.nn.Module, states: dict[str, dict[str, Any]]) -> None:
+    from torchmetrics import Metric
+
+    for name, metric in module.named_modules():
+        if isinstance(metric, Metric) and name in states:
+            for key, value in states[name].items():
+                setattr(metric, key.rsplit(".", 1)[-1], _to(value, metric.device))
+
+
 def _all_gather(obj: Any) -> list[Any]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -181,7 +213,12 @@ class ExactResume(L.Callback):
         self._resumed = False
 
     def state_dict(self) -> dict[str, Any]:
-        mine = {"rng": collect_rng_states(self._outer), "samplers": _sampler_states(self._trainer)}
+        module = self._trainer.lightning_module if self._trainer is not None else None
+        mine = {
+            "rng": collect_rng_states(self._outer),
+            "samplers": _sampler_states(self._trainer),
+            "metrics": persistent_metric_states(module),
+        }
         return {"ranks": _all_gather(mine)}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -221,6 +258,8 @@ class ExactResume(L.Callback):
         mid_epoch = progress.processed < progress.started  # else the saved epoch ended: the next one starts now
         if resumed and not mid_epoch:
             reset_epoch_metrics(pl_module)
+        if resumed and mid_epoch and self._pending and len(self._pending) == trainer.world_size:
+            restore_metric_states(pl_module, self._pending[trainer.global_rank].get("metrics") or {})
         if resumed and mid_epoch and not states:
             rank_zero_warn(
                 "resuming in the middle of an epoch with a training DataLoader that keeps no state: the epoch's data "
