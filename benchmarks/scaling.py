@@ -25,16 +25,16 @@ BENCH = "scaling"
 CONFIG = str(REPO / "configs" / "experiment" / "gpt-cpu.yaml")
 
 
-def fit(root: str, devices: int, steps: int, every: int, accelerator: str) -> dict:
+def fit(root: str, devices: int, steps: int, every: int, accelerator: str, extra: tuple[str, ...] = ()) -> dict:
     """Run ``lightscale fit`` and return the run's summary.json."""
-    name = f"{accelerator}{devices}"
+    name = f"{accelerator}{devices}{'-variant' if extra else ''}"
     command = [
         sys.executable, "-m", "lightscale", "fit", "--config", CONFIG,
         "--run.root", root, "--run.name", name, "--run.test_after_fit", "false", "--run.report", "false",
         "--trainer.accelerator", accelerator, "--trainer.devices", str(devices),
         "--trainer.max_steps", str(steps), "--trainer.log_every_n_steps", str(every),
         "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.enable_progress_bar", "false", "--model.sample_prompt", "null",
+        "--trainer.enable_progress_bar", "false", "--model.sample_prompt", "null", *extra,
     ]  # fmt: skip
     if devices > 1:
         command += ["--trainer.strategy", "ddp"]
@@ -45,15 +45,63 @@ def fit(root: str, devices: int, steps: int, every: int, accelerator: str) -> di
     return json.loads(summary.read_text())
 
 
+def _plain_worker(rank: int, world: int, steps: int, port: int, out: str) -> None:
+    """One process of the plain loop: torch DDP over gloo, the tiny GPT's sizes, random tokens, no Lightning."""
+    import os
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lightscale.nets.gpt import GPT, GPTConfig
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    net = DistributedDataParallel(GPT(GPTConfig(256, 128, 4, 4, 128, 0.0, False)))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    batch = torch.randint(0, 256, (12, 129))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        _, loss = net(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    warm = sorted(times[steps // 6 :])
+    if rank == 0:
+        Path(out).write_text(str(world * 12 * 128 / warm[len(warm) // 2]))
+    dist.destroy_process_group()
+
+
+def plain_tokens_per_sec(devices: int, steps: int) -> float:
+    """tokens/s of the plain loop in ``devices`` processes (each its own thread), median step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock, tempfile.TemporaryDirectory() as tmp:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        out = str(Path(tmp) / "tokens_per_sec")
+        mp.spawn(_plain_worker, args=(devices, steps, port, out), nprocs=devices)
+        return float(Path(out).read_text())
+
+
 def tokens_per_sec(summary: dict) -> float:
     return float(summary["fit_metrics"]["throughput/tokens_per_sec"])
 
 
-def measure(accelerator: str, devices: int, steps: int, every: int) -> list[dict]:
-    label = f"tiny GPT, {accelerator.upper()}"
+def measure(accelerator: str, devices: int, steps: int, every: int, extra: tuple[str, ...] = ()) -> list[dict]:
+    label = f"tiny GPT, {accelerator.upper()}" + (", CSV logger only (no W&B service)" if extra else "")
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as root:
-        one = tokens_per_sec(fit(root, 1, steps, every, accelerator))
-        many = tokens_per_sec(fit(root, devices, steps, every, accelerator))
+        one = tokens_per_sec(fit(root, 1, steps, every, accelerator, extra))
+        many = tokens_per_sec(fit(root, devices, steps, every, accelerator, extra))
     efficiency = many / (devices * one)
     unit = "thread" if accelerator == "cpu" else "GPU"
     print(f"  {label}: 1 process {one:,.0f} tokens/s, {devices} processes {many:,.0f} tokens/s -> {efficiency:.0%}")
@@ -73,6 +121,17 @@ def main() -> int:
     steps = args.steps or (6 if args.quick else 60)
     every = 2 if args.quick else 10
     rows = measure("cpu", 2, steps, every)
+    # Machine or code? The same two measurements without the W&B service process (a third process on two
+    # cores), and for a plain torch DDP loop with no Lightning at all.
+    rows += measure("cpu", 2, steps, every, ("--trainer.logger", "[{class_path: lightscale.loggers.CSVLogger}]"))
+    one, two = plain_tokens_per_sec(1, steps), plain_tokens_per_sec(2, steps)
+    print(f"  plain torch DDP: 1 process {one:,.0f} tokens/s, 2 processes {two:,.0f} tokens/s -> {two / (2 * one):.0%}")
+    label = "tiny GPT, CPU, plain torch DDP loop"
+    rows += [
+        row(BENCH, label, "1 process", one, "tokens/s", note=f"random tokens, {steps} steps, median step"),
+        row(BENCH, label, "2 processes (DDP)", two, "tokens/s"),
+        row(BENCH, label, "weak-scaling efficiency", 100 * two / (2 * one), "%", note="the machine's own ceiling"),
+    ]
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -68,10 +68,12 @@ def test_run_all_prints_a_row_for_every_benchmark(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-4000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     benches = {r["bench"] for r in rows}
-    assert {"startup", "overhead", "data path", "scaling", "gpu", "quality"} <= benches
+    assert {"startup", "overhead", "overhead breakdown", "data path", "scaling", "gpu", "quality"} <= benches
     assert not [r for r in rows if r["metric"] == "benchmark run"]  # no benchmark crashed
     cases = {(r["bench"], r["case"]) for r in rows}
     assert {("overhead", "digits CNN"), ("overhead", "tiny GPT")} <= cases
     assert {("data path", "digits CNN"), ("data path", "tiny GPT")} <= cases
     assert all(r["ok"] for r in rows if r["metric"] == "losses match")
+    spent = {r["metric"]: r["value"] for r in rows if r["bench"] == "overhead breakdown"}
+    assert spent["template, in NonFiniteGuard"] > 0  # every callback's hooks are timed
     assert "| benchmark |" in (tmp_path / "results.md").read_text()
