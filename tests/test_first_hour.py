@@ -21,7 +21,7 @@ DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 GPT = str(CONFIGS / "experiment" / "gpt-cpu.yaml")
 CSV = str(CONFIGS / "logger" / "csv.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-TIMING = ("throughput/", "time/")  # wall-clock columns: they differ between any two runs
+TIMING = ("throughput/", "time/", "memory/")  # wall-clock and memory columns: they differ between any two runs
 
 
 def error_line(stderr: str) -> str:

@@ -14,6 +14,7 @@ from lightscale.tracking.best_metrics import BestMetrics
 from lightscale.tracking.epoch_stats import EpochStats
 from lightscale.tracking.history import History
 from lightscale.tracking.line_logger import LineLogger
+from lightscale.tracking.memory import MemoryWatch
 from lightscale.tracking.predictions import PredictionWriter
 from lightscale.tracking.progress import ProgressBar
 from lightscale.tracking.provenance import Provenance
@@ -34,6 +35,7 @@ __all__ = [
     "History",
     "LRFinder",
     "LineLogger",
+    "MemoryWatch",
     "NonFiniteGuard",
     "PredictionWriter",
     "ProgressBar",

@@ -70,3 +70,32 @@ class CrashAt(Callback):
     def on_train_batch_end(self, trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             raise Crash(f"crash at step {self.step}")
+
+
+class OutOfMemoryAt(Callback):
+    """Raise the error PyTorch raises when a CUDA allocation fails, with its real message, at optimizer step ``step``
+    (on a CPU this is the only way to meet it)."""
+
+    MESSAGE = (
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.15 GiB of which 1.20 GiB is "
+        "free. Of the allocated memory 75.10 GiB is allocated by PyTorch, and 1.85 GiB is reserved by PyTorch but "
+        "unallocated."
+    )
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            raise torch.OutOfMemoryError(self.MESSAGE)
+
+
+class AllocateTooMuchAt(Callback):
+    """Ask the model's device for a petabyte at optimizer step ``step``: a real out-of-memory error on a GPU."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args: object) -> None:
+        if trainer.global_step == self.step:
+            torch.empty(2**50, dtype=torch.uint8, device=pl_module.device)

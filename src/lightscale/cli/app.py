@@ -32,6 +32,7 @@ from lightscale.core.errors import UserError
 from lightscale.core.run_dir import check_run_name, resolve_run_dir, update_summary
 from lightscale.resilience.checkpoint import Checkpoint
 from lightscale.resilience.nonfinite import NonFiniteGuard
+from lightscale.tracking.memory import MemoryWatch
 from lightscale.tracking.predictions import PredictionWriter
 from lightscale.tracking.progress import progress_settings
 from lightscale.tracking.provenance import Provenance
@@ -71,7 +72,7 @@ def register_config_types() -> None:
 class LightscaleCLI(LightningCLI):
     """``lightscale fit|validate|test|predict``: any LightningModule / LightningDataModule by ``class_path``, with
     the groups ``run`` (where the run goes, the template's callbacks), ``checkpoint``, ``early_stopping`` and
-    ``nonfinite`` beside ``trainer``, ``model`` and ``data``; their defaults are ``defaults.yaml``.
+    ``nonfinite``, ``memory`` beside ``trainer``, ``model`` and ``data``; their defaults are ``defaults.yaml``.
 
     Args:
         args: the command line without the program name (``None``: ``sys.argv``).
@@ -133,6 +134,7 @@ class LightscaleCLI(LightningCLI):
         )
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
+        parser.add_lightning_class_args(MemoryWatch, "memory")
         parser.add_subclass_arguments(
             EarlyStopping, "early_stopping", required=False, fail_untyped=False, help="`null` switches it off."
         )

@@ -11,6 +11,7 @@ import sys
 import warnings
 from typing import Any
 
+import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -83,6 +84,12 @@ def main(args: list[str] | None = None) -> None:
         finish_wandb(exit_code=int(stop.code or 1))
         print(f"lightscale: stopped by {stop.signal_name}; resume with --ckpt_path auto", file=sys.stderr)
         sys.exit(stop.code)
+    except torch.OutOfMemoryError as error:  # MemoryWatch says where, and how much
+        finish_wandb(exit_code=1)
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        print(f"lightscale: error: {getattr(error, 'lightscale_message', '') or one_line(str(error))}", file=sys.stderr)
+        sys.exit(2)
     except (ArgumentError, UserError, ValueError, OSError, MisconfigurationException) as error:
         if os.environ.get(TRACEBACK_ENV):
             raise
