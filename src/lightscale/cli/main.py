@@ -60,6 +60,15 @@ def finish_wandb(exit_code: int = 0, status: dict[str, Any] | None = None) -> No
         wandb.finish(exit_code=exit_code)
 
 
+def close_process_group() -> None:
+    """Shut the process group down while Python still runs: left to the interpreter's exit, a rank of a finished
+    multi-process run could abort in the C++ teardown ("terminate called without an active exception", seen once
+    after a 2-process FSDP2 resume), and Lightning's launcher then kills the other ranks with a non-zero exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):  # the run itself is done and recorded
+            torch.distributed.destroy_process_group()
+
+
 def with_location(message: str, argv: list[str]) -> str:
     """Add the file and line that set the key a config error names (with several --config files, users should
     not have to guess which one); keys given on the command line are not blamed on a file."""
@@ -80,6 +89,7 @@ def main(args: list[str] | None = None) -> None:
         check_srun()
         LightscaleCLI(args=None if args is None else argv)  # None: LightningCLI reads sys.argv itself
         finish_wandb()
+        close_process_group()
     except Terminated as stop:
         finish_wandb(exit_code=int(stop.code or 1))
         print(f"lightscale: stopped by {stop.signal_name}; resume with --ckpt_path auto", file=sys.stderr)
