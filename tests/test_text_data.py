@@ -120,10 +120,16 @@ def test_folder_corpus_in_sorted_order_skipping_hidden_files(tmp_path: Path) -> 
     (folder / "b" / "2.txt").write_text("second ")
     (folder / "a.txt").write_text("first ")
     (folder / ".hidden").write_text("never ")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD.txt").write_text("never ")
     (folder / "c.md").write_text("third " * 10)
+    (folder / "link.txt").symlink_to(folder / "nowhere")  # a dangling link is not a file
     files = list_corpus(folder)
     assert [f.path.name for f in files] == ["a.txt", "2.txt", "c.md"]
     assert [f.path.name for f in list_corpus(folder, pattern="*.txt")] == ["a.txt", "2.txt"]
+    with pytest.raises(ValueError, match=r"no non-empty files matching '\*\.TXT'"):  # names match case-sensitively
+        list_corpus(folder, pattern="*.TXT")
+    assert [f.path.name for f in list_corpus(folder, pattern="b/*.txt")] == ["2.txt"]  # a pattern over paths
     dm = make_dm(tmp_path, path=str(folder), block_size=4)
     dm.prepare_data()
     assert shard_tokens(dm).tobytes() == b"first second " + b"third " * 10
@@ -333,3 +339,10 @@ def test_trainer_resume_replays_the_same_windows(tmp_path: Path) -> None:
     for step, batch in resumed.batches.items():
         assert torch.equal(batch, full.batches[step]), step
     assert os.path.exists(tmp_path / "ckpt" / "epoch=0-step=6.ckpt")
+
+
+def test_the_stdlib_corpus_leaves_out_installed_packages_and_caches() -> None:
+    files = list_corpus(None, max_bytes=1 << 40)  # no cap: every stdlib source
+    parts = {part for f in files for part in f.path.parts}
+    assert {"site-packages", "dist-packages", "__pycache__"}.isdisjoint(parts)
+    assert {"json", "email"} <= parts and all(f.path.suffix == ".py" for f in files)

@@ -6,6 +6,7 @@ to a temporary folder and renamed into place, so a crash never leaves half a cac
 """
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -74,14 +75,7 @@ def list_corpus(path: str | Path | None, pattern: str | None = None, max_bytes: 
         root, pattern, skip = Path(path).expanduser(), pattern or "*", set()
         if not root.exists():
             raise FileNotFoundError(f"corpus path {str(root)!r} does not exist")
-    if root.is_file():
-        candidates = [root]
-    else:
-        candidates = sorted(
-            p
-            for p in root.rglob(pattern)
-            if not any(part.startswith(".") or part in skip for part in p.relative_to(root).parts) and p.is_file()
-        )
+    candidates = [root] if root.is_file() else sorted(_walk(root, pattern, skip))
     files, total = [], 0
     for candidate in candidates:
         if max_bytes is not None and total >= max_bytes:
@@ -92,6 +86,23 @@ def list_corpus(path: str | Path | None, pattern: str | None = None, max_bytes: 
     if total == 0:
         raise ValueError(f"the corpus at {str(root)!r} is empty (no non-empty files matching {pattern!r})")
     return files
+
+
+def _walk(root: Path, pattern: str, skip: set[str]) -> Iterator[Path]:
+    """Files under ``root`` whose name matches ``pattern``, hidden and ``skip`` folders pruned rather than walked:
+    ``Path.rglob`` would walk the whole of a stdlib's site-packages only to drop it (~0.6 s per run)."""
+    if "/" in pattern or os.sep in pattern:  # a pattern over paths, not names: let pathlib match it
+        for p in root.rglob(pattern):
+            if not any(part.startswith(".") or part in skip for part in p.relative_to(root).parts) and p.is_file():
+                yield p
+        return
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in skip]
+        for name in names:
+            if not name.startswith(".") and fnmatch.fnmatchcase(name, pattern):
+                path = Path(folder, name)
+                if path.is_file():
+                    yield path
 
 
 def content_hash(file: CorpusFile, memo: dict[str, list[str]]) -> str:
