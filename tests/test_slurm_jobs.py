@@ -145,6 +145,33 @@ def test_two_nodes_two_tasks_agree(slurm_cluster: SlurmCluster, tmp_path: Path) 
     one_wandb_run(run_dir)
 
 
+# ------------------------------------------------------------------------------------------------ a hang
+def test_a_rank_that_hangs_on_the_second_node_ends_the_job_with_its_name(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """Rank 1 (the only task on node n2) stops after step 2; the job ends on its own with exit 3, one line that
+    names rank 1, its host and step in the job log, and both ranks' stacks in the run directory."""
+    env = job_env(slurm_cluster)
+    args = [
+        DIGITS, "--config", CPU, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", *QUIET,
+        "--watchdog.stall_seconds", "5", "--watchdog.heartbeat_seconds", "0.5",
+        "--trainer.callbacks+=helpers.faults.StallAt", "--trainer.callbacks.step=2", "--trainer.callbacks.rank=1",
+    ]  # fmt: skip
+    options = ["--nodes=2", "--ntasks-per-node=1", *CPU_RESOURCES]
+    job, rc = sbatch_wait(TRAIN, args, env=env, cwd=tmp_path, timeout=240, options=options)
+    log = job_log(tmp_path, job)
+    assert rc != 0, log
+    run_dir = only_run_dir(tmp_path, job)
+    hang = json.loads((run_dir / "diagnostics" / "hang.json").read_text())
+    assert hang["stalled_ranks"] == [1] and hang["heartbeats"]["1"]["host"] == "n2", hang
+    lines = [line for line in log.splitlines() if line.startswith("lightscale: error: ")]
+    assert lines == [f"lightscale: error: {hang['message']}"], log
+    assert hang["message"].startswith("rank 1 (n2) is stalled at global step 2 (loading the next batch")
+    assert "faults.py" in (run_dir / "diagnostics" / "stacks.rank1.txt").read_text()
+    assert (run_dir / "diagnostics" / "stacks.rank0.txt").read_text().startswith("rank 0 (n1, pid ")
+    assert summary(run_dir)["status"] == "hung"
+
+
 # ------------------------------------------------------------------------------------------------ requeue
 def test_usr1_requeues_and_resumes_exactly(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """`scancel --signal=USR1` mid-epoch: every rank saves at a step boundary into this job's run dir, the job

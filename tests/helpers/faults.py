@@ -1,5 +1,7 @@
 """Models and data that fail on purpose, loaded by the CLI through their class paths (``helpers.faults.X``)."""
 
+import time
+
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -99,3 +101,40 @@ class AllocateTooMuchAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, *args: object) -> None:
         if trainer.global_step == self.step:
             torch.empty(2**50, dtype=torch.uint8, device=pl_module.device)
+
+
+class StallAt(Callback):
+    """Rank ``rank`` stops at the start of the batch after optimizer step ``step`` and never goes on (a hung data
+    read, a deadlock): the other ranks then wait for it in the next collective."""
+
+    def __init__(self, step: int, rank: int = 0) -> None:
+        self.step = step
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer, *args: object) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            time.sleep(10_000)
+
+
+class _SlowReads(BatchedTensorDataset):
+    def __init__(self, seconds: float, rank: int, *tensors: torch.Tensor) -> None:
+        super().__init__(*tensors)
+        self.seconds, self.rank = seconds, rank
+
+    def __getitems__(self, indices):
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_rank() == self.rank:
+            time.sleep(self.seconds)
+        return super().__getitems__(indices)
+
+
+class SlowReadDigits(DigitsDataModule):
+    """Digits whose training batches take ``seconds`` longer to read on rank ``rank`` (a slow disk on one node)."""
+
+    def __init__(self, seconds: float = 0.2, rank: int = 1, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.seconds, self.rank = seconds, rank
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.splits["train"] = _SlowReads(self.seconds, self.rank, *self.splits["train"].tensors)

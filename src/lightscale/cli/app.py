@@ -31,6 +31,7 @@ from lightscale.cluster.launch import launch_id
 from lightscale.core.errors import UserError
 from lightscale.core.run_dir import check_run_name, resolve_run_dir, update_summary
 from lightscale.resilience.checkpoint import Checkpoint
+from lightscale.resilience.hang_watch import HangWatch
 from lightscale.resilience.nonfinite import NonFiniteGuard
 from lightscale.tracking.memory import MemoryWatch
 from lightscale.tracking.predictions import PredictionWriter
@@ -71,8 +72,9 @@ def register_config_types() -> None:
 
 class LightscaleCLI(LightningCLI):
     """``lightscale fit|validate|test|predict``: any LightningModule / LightningDataModule by ``class_path``, with
-    the groups ``run`` (where the run goes, the template's callbacks), ``checkpoint``, ``early_stopping`` and
-    ``nonfinite``, ``memory`` beside ``trainer``, ``model`` and ``data``; their defaults are ``defaults.yaml``.
+    the groups ``run`` (where the run goes, the template's callbacks), ``checkpoint``, ``early_stopping``,
+    ``nonfinite``, ``memory`` and ``watchdog`` beside ``trainer``, ``model`` and ``data``; their defaults are
+    ``defaults.yaml``.
 
     Args:
         args: the command line without the program name (``None``: ``sys.argv``).
@@ -135,6 +137,7 @@ class LightscaleCLI(LightningCLI):
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(MemoryWatch, "memory")
+        parser.add_lightning_class_args(HangWatch, "watchdog")
         parser.add_subclass_arguments(
             EarlyStopping, "early_stopping", required=False, fail_untyped=False, help="`null` switches it off."
         )

@@ -1,6 +1,9 @@
-"""The machine's CPU name, from the standard library only (benchmarks import it without loading Lightning)."""
+"""The machine: its CPU name and the node it runs on, from the standard library only (benchmarks import it without
+loading Lightning)."""
 
+import os
 import platform
+import socket
 from pathlib import Path
 
 
@@ -13,3 +16,9 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def node_name() -> str:
+    """The node as the cluster names it (``SLURMD_NODENAME`` under SLURM, which is what ``squeue`` and
+    ``scontrol`` show), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import resource
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import Callback
 
+from lightscale.core.hardware import node_name
 from lightscale.core.run_dir import update_summary
 
 GB = 1e9
@@ -117,7 +117,7 @@ class MemoryWatch(Callback):
             snapshot = self._snapshot(trainer, "memory-oom")
         except Exception:  # a failing dump must not hide the out-of-memory error
             snapshot = None
-        where = f"rank {trainer.global_rank} ({socket.gethostname()}) at global step {trainer.global_step}"
+        where = f"rank {trainer.global_rank} ({node_name()}) at global step {trainer.global_step}"
         message = f"out of memory on {where}: {describe_oom(str(exception))}"
         if snapshot is not None:
             message += f"; allocator history in {snapshot} (open it at {VIEWER})"
