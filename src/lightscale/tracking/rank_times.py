@@ -34,8 +34,11 @@ class RankTimes(Callback):
         self._batches = 0
         self._last_step = -1
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._on = trainer.world_size > 1
+        if not self._on:  # one process: not even called per batch (as training.perf.skip_noop_batch_hooks does)
+            for hook in ("on_train_batch_start", "on_before_backward", "on_train_batch_end"):
+                setattr(self, hook, None)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
