@@ -15,7 +15,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-slurm test-all lint format bench sync report preflight submit slurm-up slurm-down clean
+.PHONY: help install train test test-slow test-slurm test-all lint format bench sync sync-watch report preflight submit slurm-up slurm-down clean
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -56,9 +56,10 @@ bench: $(STAMP) ## Run the benchmarks and print one table (numbers go into the R
 	$(BIN)/python benchmarks/run_all.py
 
 sync: $(STAMP) ## Upload every offline W&B run under runs/ (needs `wandb login` or WANDB_API_KEY)
-	@runs="$$(find runs -type d -name 'offline-run-*' 2>/dev/null | sort)"; \
-	if [ -z "$$runs" ]; then echo "no offline W&B runs under runs/"; \
-	else $(BIN)/wandb sync --yes $$runs; fi
+	$(BIN)/lightscale sync runs
+
+sync-watch: $(STAMP) ## On a login node: keep uploading the offline W&B runs under runs/ while their jobs run
+	$(BIN)/lightscale sync --watch runs
 
 report: $(STAMP) ## Write report.md + plots for RUN (default: the newest run with results); RUN="dir1 dir2" compares
 	$(BIN)/python -m lightscale.report $(RUN)

@@ -21,7 +21,7 @@ DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 GPT = str(CONFIGS / "experiment" / "gpt-cpu.yaml")
 CSV = str(CONFIGS / "logger" / "csv.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-TIMING = ("throughput/", "time/", "memory/")  # wall-clock and memory columns: they differ between any two runs
+TIMING = ("throughput/", "time/", "memory/", "ranks/")  # wall-clock and memory columns: differ between any two runs
 
 
 def error_line(stderr: str) -> str:
@@ -271,7 +271,7 @@ def test_version_and_help_list_the_commands() -> None:
     assert version.returncode == 0 and version.stdout.strip() == "lightscale 0.1.0"
     help_text = python_cli("--help")
     assert help_text.returncode == 0
-    for command in ("fit", "validate", "test", "predict", "report", "preflight"):
+    for command in ("fit", "validate", "test", "predict", "report", "preflight", "sync"):
         assert command in help_text.stdout, command
 
 

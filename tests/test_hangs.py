@@ -3,6 +3,7 @@ a slow rank shows in the logs before it becomes a hang."""
 
 from __future__ import annotations
 
+import bdb
 import csv
 import json
 import os
@@ -189,3 +190,26 @@ def test_a_copy_of_the_watchdog_does_not_watch() -> None:
     watch._stop.set()
     copy = pickle.loads(pickle.dumps(deepcopy(watch)))
     assert copy.stall_seconds == 60 and copy._thread is None and not copy._stop.is_set()
+
+
+def test_a_rank_stopped_at_a_breakpoint_is_not_taken_for_a_hang() -> None:
+    from lightscale.resilience.hang_watch import in_debugger
+
+    stopped, release = threading.Event(), threading.Event()
+
+    def wait() -> None:
+        stopped.set()
+        release.wait(30)
+
+    plain = threading.Thread(target=wait)
+    debugged = threading.Thread(target=lambda: bdb.Bdb().runcall(wait))  # what pdb.set_trace() runs through
+    for thread in (plain, debugged):
+        stopped.clear()
+        thread.start()
+        assert stopped.wait(10)
+    try:
+        assert not in_debugger(plain.ident) and in_debugger(debugged.ident)
+    finally:
+        release.set()
+        plain.join()
+        debugged.join()

@@ -6,6 +6,7 @@ command                                    what it does
 ``fit | validate | test | predict``        train / evaluate / predict with a LightningModule and data
 ``report [RUN_DIR ...]``                   report.md and plots of a run (the newest), or a comparison
 ``preflight --config ... [--sbatch ...]``  check a SLURM job before it queues (no GPU needed)
+``sync [--watch] [RUN_DIR ...]``           upload offline W&B runs, also while they run (login node)
 =========================================  ============================================================
 """
 
@@ -19,6 +20,7 @@ COMMANDS = {
     "predict": "lightscale.cli.main",
     "report": "lightscale.report.command",
     "preflight": "lightscale.cli.preflight",
+    "sync": "lightscale.tracking.sync",
 }
 ARGUMENTS_ARE_THE_SUBCOMMAND = {"lightscale.cli.main"}  # LightningCLI reads "fit ..." itself
 

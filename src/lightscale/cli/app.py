@@ -48,7 +48,8 @@ DESCRIPTION = (
     "lightscale: train Lightning models from a laptop to a SLURM cluster. Every run starts from the template's "
     f"defaults ({DEFAULTS}); `--print_config` shows the merged result. Other commands: `lightscale report RUN_DIR "
     "[RUN_DIR ...]` (report.md and plots of a run, or a comparison; no RUN_DIR: the newest run), `lightscale "
-    "preflight --config CONFIG [--sbatch FILE]` (check a SLURM job before it queues)."
+    "preflight --config CONFIG [--sbatch FILE]` (check a SLURM job before it queues), `lightscale sync [--watch] "
+    "[RUN_DIR ...]` (upload offline W&B runs, also while they run)."
 )
 
 

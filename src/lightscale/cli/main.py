@@ -19,6 +19,7 @@ from lightscale.cli.app import LightscaleCLI
 from lightscale.cli.config_files import check_config_files, given_on_command_line, where_set
 from lightscale.cluster.launch import check_srun
 from lightscale.core.errors import UserError, one_line
+from lightscale.core.run_dir import mark_wandb_run_finished
 from lightscale.resilience.graceful_stop import Terminated
 
 TRACEBACK_ENV = "LIGHTSCALE_TRACEBACK"  # =1: full tracebacks, for debugging the template itself
@@ -57,7 +58,9 @@ def finish_wandb(exit_code: int = 0, status: dict[str, Any] | None = None) -> No
     with contextlib.suppress(Exception):  # W&B trouble must not hide the run's own outcome
         if status:
             run.summary.update({f"lightscale/{key}": value for key, value in status.items()})
+        folder = run.dir
         wandb.finish(exit_code=exit_code)
+        mark_wandb_run_finished(folder)
 
 
 def close_process_group() -> None:

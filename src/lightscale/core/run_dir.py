@@ -28,6 +28,7 @@ RUN_DIR_ENV = "LIGHTSCALE_RUN_DIR"
 LOCK_FILE = ".lock"
 SUMMARY_FILE = "summary.json"
 WANDB_RUN_ID_FILE = "wandb-run-id"  # the W&B run a directory continues (written by the logger or a sweep agent)
+WANDB_FINISHED_MARKER = ".lightscale-finished"  # in an offline-run-* folder: its process closed the W&B run
 RUN_DIR_NAME = re.compile(r"(?P<stamp>\d{8}-\d{6})-(?P<tag>[\w.-]+)")
 # Files that say where and how a run started, written before it trains (by the CLI or slurm/train.sbatch):
 # they do not make a directory "hold a run".
@@ -139,3 +140,12 @@ class RunLock:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
                 os.close(self._fd)
             self._fd = None
+
+
+def mark_wandb_run_finished(wandb_dir: str | Path) -> None:
+    """Leave :data:`WANDB_FINISHED_MARKER` in an offline W&B run's folder (``offline-run-*``, the parent of the W&B
+    run's ``dir``) once its process has closed it: ``lightscale sync --watch`` then uploads it a last time."""
+    folder = Path(wandb_dir)
+    folder = folder.parent if folder.name == "files" else folder
+    if folder.name.startswith("offline-run-") and folder.is_dir():
+        (folder / WANDB_FINISHED_MARKER).touch()

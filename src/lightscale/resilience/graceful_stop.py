@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from lightscale.cluster.slurm import requeue
+from lightscale.core.run_dir import mark_wandb_run_finished
 
 TMP_NAME = ".requeue.ckpt.tmp"  # must not contain "hpc_ckpt_": Lightning and resume.py count those
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -192,7 +193,9 @@ def _close_wandb_runs(trainer: L.Trainer) -> None:
         run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
         if run is not None and hasattr(run, "finish"):
             run.mark_preempting()
+            folder = run.dir
             run.finish()
+            mark_wandb_run_finished(folder)
             logger._experiment = None
 
 

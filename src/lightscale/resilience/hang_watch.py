@@ -50,6 +50,19 @@ def stacks_path(run_dir: Path, rank: int) -> Path:
     return run_dir / DIAGNOSTICS / f"stacks.rank{rank}.txt"
 
 
+DEBUGGERS = ("bdb", "pdb", "pydevd", "debugpy")  # a rank stopped at a breakpoint is not hung
+
+
+def in_debugger(thread_id: int | None) -> bool:
+    """Whether the thread ``thread_id`` is stopped in a debugger (pdb, an IDE's): its stack runs through one."""
+    frame = sys._current_frames().get(thread_id) if thread_id is not None else None
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").split(".")[0] in DEBUGGERS:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def read_heartbeats(run_dir: Path) -> dict[int, dict[str, Any]]:
     """Every rank's last heartbeat that can be read (a rank on a node that does not share the run directory is
     missing)."""
@@ -115,6 +128,7 @@ class HangWatch(Callback):
         self._advanced = time.monotonic()
         self._trained_a_batch = False
         self._trainer: L.Trainer | None = None
+        self._training_thread: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -163,6 +177,7 @@ class HangWatch(Callback):
         if self.stall_seconds is None or self._thread is not None:
             return
         self._trainer = trainer
+        self._training_thread = threading.get_ident()
         self._stop.clear()
         self._advance("starting up")
         self._thread = threading.Thread(target=self._watch, name="lightscale-hang-watch", daemon=True)
@@ -213,6 +228,9 @@ class HangWatch(Callback):
             # the stacks (to stderr) and ends the process.
             faulthandler.dump_traceback_later(backstop, exit=True)
             if now - self._advanced > self._limit() and not self._stop.is_set():
+                if in_debugger(self._training_thread):  # a breakpoint: the user is looking, not a hang
+                    self._advanced = now
+                    continue
                 self._on_stall()
                 return
             backstop = self._limit() + 3 * self.heartbeat_seconds

@@ -52,16 +52,15 @@ def check_settings(mode: str | None, init_kwargs: dict[str, Any] | None) -> None
         check_online(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url)
 
 
-def check_online(base_url: str, timeout: float = REACH_TIMEOUT_S) -> None:
-    """Fail in one line, before the run starts, when W&B online mode cannot work: no API key, or the server (or
-    the HTTPS proxy) does not answer. Left alone, ``wandb.init`` retries for ~100 s and ends in a traceback."""
+def check_online(base_url: str, timeout: float = REACH_TIMEOUT_S, purpose: str = "W&B online mode") -> None:
+    """Fail in one line, before the run starts, when W&B online mode (or ``purpose``, e.g. an upload) cannot work:
+    no API key, or the server (or the HTTPS proxy) does not answer. Left alone, ``wandb.init`` retries for ~100 s
+    and ends in a traceback, and ``wandb sync`` retries for ever."""
     url = urlparse(base_url)
     host = url.hostname or base_url
+    later = ", or log offline (mode: offline) and `wandb sync` the run later" if purpose == "W&B online mode" else ""
     if not _api_key_present(host):
-        raise UserError(
-            f"W&B online mode needs an API key for {host}: run `wandb login` or set WANDB_API_KEY, or log offline "
-            "(mode: offline) and `wandb sync` the run later"
-        )
+        raise UserError(f"{purpose} needs an API key for {host}: run `wandb login` or set WANDB_API_KEY{later}")
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
     target = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}") if proxy else url
     address = (target.hostname or host, target.port or (443 if target.scheme == "https" else 80))
@@ -70,8 +69,7 @@ def check_online(base_url: str, timeout: float = REACH_TIMEOUT_S) -> None:
     except OSError as error:
         via = f" through the proxy {address[0]}" if proxy else ""
         raise UserError(
-            f"W&B online mode cannot reach {base_url}{via} ({error.strerror or error}): check the network, or log "
-            "offline (mode: offline) and `wandb sync` the run later"
+            f"{purpose} cannot reach {base_url}{via} ({error.strerror or error}): check the network{later}"
         ) from None
 
 
