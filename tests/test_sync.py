@@ -141,3 +141,12 @@ def test_the_real_wandb_sync_gives_up_in_one_line_when_the_server_does_not_answe
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     error = upload_with_wandb(Upload(run, 0, final=False), timeout=5)
     assert error == "wandb sync did not finish within 5 s (network?); trying again later"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan"])
+def test_a_bad_interval_is_one_line(value: str) -> None:
+    result = python_cli("sync", "--watch", "--interval", value, "runs")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"lightscale sync: error: argument --interval: expected a positive number, got '{value}'"
+    )

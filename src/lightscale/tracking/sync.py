@@ -139,12 +139,22 @@ class Watcher:
             sleep(interval)
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def main(args: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lightscale sync", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", type=Path, default=[Path("runs")], help="run directories or roots")
     parser.add_argument("--watch", action="store_true", help="keep uploading as the runs grow (Ctrl-C to stop)")
-    parser.add_argument("--interval", type=float, default=60.0, help="seconds between passes (--watch)")
-    parser.add_argument("--stale-minutes", type=float, default=60.0, help="unchanged this long: the run ended")
+    parser.add_argument("--interval", type=_positive, default=60.0, help="seconds between passes (--watch)")
+    parser.add_argument("--stale-minutes", type=_positive, default=60.0, help="unchanged this long: the run ended")
     parser.add_argument("--entity", default=None)
     parser.add_argument("--project", default=None)
     options = parser.parse_args(args)
