@@ -213,3 +213,15 @@ def test_a_rank_stopped_at_a_breakpoint_is_not_taken_for_a_hang() -> None:
         release.set()
         plain.join()
         debugged.join()
+
+
+def test_only_well_formed_heartbeats_are_read(tmp_path: Path) -> None:
+    from lightscale.resilience.hang_watch import read_heartbeats
+
+    folder = tmp_path / "diagnostics"
+    folder.mkdir()
+    (folder / "heartbeat.rank0.json").write_text(json.dumps(beat(0, 5, "in the backward")))
+    (folder / "heartbeat.rank1.json").write_text('{"rank": 1, "events": "many"}')  # foreign or crafted
+    (folder / "heartbeat.rank2.json").write_text('{"rank": 2, "ho')  # half written
+    (folder / "heartbeat.rank3.json").write_text("[1, 2]")
+    assert list(read_heartbeats(tmp_path)) == [0]

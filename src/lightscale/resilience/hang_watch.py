@@ -63,6 +63,10 @@ def in_debugger(thread_id: int | None) -> bool:
     return False
 
 
+_BEAT_FIELDS = {"rank": int, "host": str, "pid": int, "step": int, "events": int, "where": str,
+                "idle_seconds": (int, float), "time": (int, float)}  # fmt: skip
+
+
 def read_heartbeats(run_dir: Path) -> dict[int, dict[str, Any]]:
     """Every rank's last heartbeat that can be read (a rank on a node that does not share the run directory is
     missing)."""
@@ -70,7 +74,8 @@ def read_heartbeats(run_dir: Path) -> dict[int, dict[str, Any]]:
     for path in (run_dir / DIAGNOSTICS).glob("heartbeat.rank*.json"):
         with contextlib.suppress(OSError, ValueError):
             beat = json.loads(path.read_text())
-            beats[int(beat["rank"])] = beat
+            if isinstance(beat, dict) and all(isinstance(beat.get(key), kind) for key, kind in _BEAT_FIELDS.items()):
+                beats[beat["rank"]] = beat  # anything else (half a file, another program's) is not a heartbeat
     return beats
 
 
@@ -236,6 +241,15 @@ class HangWatch(Callback):
             backstop = self._limit() + 3 * self.heartbeat_seconds
 
     def _on_stall(self) -> None:
+        """Leave the stacks and the line, then end the process, whatever goes wrong on the way (a full disk, a
+        foreign file among the heartbeats): a rank that stays would hang the job again."""
+        try:
+            self._report_stall()
+        finally:
+            sys.stdout.flush()
+            os._exit(HUNG_EXIT_CODE)
+
+    def _report_stall(self) -> None:
         trainer = self._trainer
         assert trainer is not None
         faulthandler.cancel_dump_traceback_later()
@@ -264,8 +278,6 @@ class HangWatch(Callback):
             print(f"lightscale: error: {message}", file=sys.stderr, flush=True)
         else:
             time.sleep(6 * self.heartbeat_seconds)  # let the reporting rank read this one's files and speak first
-        sys.stdout.flush()
-        os._exit(HUNG_EXIT_CODE)
 
     def _reports(self, run_dir: Path, rank: int) -> bool:
         """Rank 0 speaks for the job; when its heartbeat is stale (its process is frozen), the lowest rank whose
