@@ -28,6 +28,7 @@ RUN_DIR_ENV = "LIGHTSCALE_RUN_DIR"
 LOCK_FILE = ".lock"
 SUMMARY_FILE = "summary.json"
 WANDB_RUN_ID_FILE = "wandb-run-id"  # the W&B run a directory continues (written by the logger or a sweep agent)
+DIAGNOSTICS_DIR = "diagnostics"  # heartbeats, stacks, memory snapshots: what to look at when a run goes wrong
 WANDB_FINISHED_MARKER = ".lightscale-finished"  # in an offline-run-* folder: its process closed the W&B run
 RUN_DIR_NAME = re.compile(r"(?P<stamp>\d{8}-\d{6})-(?P<tag>[\w.-]+)")
 # Files that say where and how a run started, written before it trains (by the CLI or slurm/train.sbatch):

@@ -35,19 +35,18 @@ from lightning.pytorch.callbacks import Callback
 
 from lightscale.core.files import write_atomic
 from lightscale.core.hardware import node_name
-from lightscale.core.run_dir import update_summary
+from lightscale.core.run_dir import DIAGNOSTICS_DIR, update_summary
 
 HUNG_EXIT_CODE = 3
-DIAGNOSTICS = "diagnostics"
 FIRST_STEP_FACTOR = 3  # until the first training batch ends (compilation, first collectives): a longer leash
 
 
 def heartbeat_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / DIAGNOSTICS / f"heartbeat.rank{rank}.json"
+    return run_dir / DIAGNOSTICS_DIR / f"heartbeat.rank{rank}.json"
 
 
 def stacks_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / DIAGNOSTICS / f"stacks.rank{rank}.txt"
+    return run_dir / DIAGNOSTICS_DIR / f"stacks.rank{rank}.txt"
 
 
 DEBUGGERS = ("bdb", "pdb", "pydevd", "debugpy")  # a rank stopped at a breakpoint is not hung
@@ -71,7 +70,7 @@ def read_heartbeats(run_dir: Path) -> dict[int, dict[str, Any]]:
     """Every rank's last heartbeat that can be read (a rank on a node that does not share the run directory is
     missing)."""
     beats = {}
-    for path in (run_dir / DIAGNOSTICS).glob("heartbeat.rank*.json"):
+    for path in (run_dir / DIAGNOSTICS_DIR).glob("heartbeat.rank*.json"):
         with contextlib.suppress(OSError, ValueError):
             beat = json.loads(path.read_text())
             if isinstance(beat, dict) and all(isinstance(beat.get(key), kind) for key, kind in _BEAT_FIELDS.items()):
@@ -225,20 +224,18 @@ class HangWatch(Callback):
         return beat
 
     def _watch(self) -> None:
-        backstop = self._limit() + 3 * self.heartbeat_seconds
         while not self._stop.wait(self.heartbeat_seconds):
             now = time.monotonic()
             self._beat(now)
             # If this thread is frozen with the rest of the process, faulthandler's own C thread still dumps
             # the stacks (to stderr) and ends the process.
-            faulthandler.dump_traceback_later(backstop, exit=True)
+            faulthandler.dump_traceback_later(self._limit() + 3 * self.heartbeat_seconds, exit=True)
             if now - self._advanced > self._limit() and not self._stop.is_set():
                 if in_debugger(self._training_thread):  # a breakpoint: the user is looking, not a hang
                     self._advanced = now
                     continue
                 self._on_stall()
                 return
-            backstop = self._limit() + 3 * self.heartbeat_seconds
 
     def _on_stall(self) -> None:
         """Leave the stacks and the line, then end the process, whatever goes wrong on the way (a full disk, a
@@ -270,10 +267,10 @@ class HangWatch(Callback):
                 time.sleep(0.2)  # the other ranks' threads see the same stall within one heartbeat
             beats = read_heartbeats(run_dir)
             beats[rank] = beat
-            message = describe_hang(beats, world, run_dir / DIAGNOSTICS)
+            message = describe_hang(beats, world, run_dir / DIAGNOSTICS_DIR)
             with contextlib.suppress(OSError):
                 record = {"message": message, "stalled_ranks": stalled_ranks(beats), "heartbeats": beats}
-                write_atomic(run_dir / DIAGNOSTICS / "hang.json", json.dumps(record, indent=1))
+                write_atomic(run_dir / DIAGNOSTICS_DIR / "hang.json", json.dumps(record, indent=1))
                 update_summary(run_dir, {"status": "hung", "error": message})
             print(f"lightscale: error: {message}", file=sys.stderr, flush=True)
         else:

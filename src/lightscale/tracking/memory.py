@@ -19,10 +19,9 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import Callback
 
 from lightscale.core.hardware import node_name
-from lightscale.core.run_dir import update_summary
+from lightscale.core.run_dir import DIAGNOSTICS_DIR, update_summary
 
 GB = 1e9
-DIAGNOSTICS = "diagnostics"
 VIEWER = "https://pytorch.org/memory_viz"
 
 
@@ -81,7 +80,7 @@ class MemoryWatch(Callback):
     def _snapshot(self, trainer: L.Trainer, name: str) -> Path | None:
         if not self._recording:
             return None
-        path = Path(trainer.default_root_dir) / DIAGNOSTICS / f"{name}-rank{trainer.global_rank}.pickle"
+        path = Path(trainer.default_root_dir) / DIAGNOSTICS_DIR / f"{name}-rank{trainer.global_rank}.pickle"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.cuda.memory._dump_snapshot(str(path))
         return path

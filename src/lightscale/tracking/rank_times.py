@@ -26,7 +26,6 @@ class RankTimes(Callback):
     it waits for the device). Does nothing in a single-process run."""
 
     def __init__(self) -> None:
-        self._on = False
         self._batch_end: float | None = None  # when the previous batch ended (None: after validation, or not yet)
         self._batch_start = 0.0
         self._data = 0.0
@@ -35,29 +34,25 @@ class RankTimes(Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._on = trainer.world_size > 1
-        if not self._on:  # one process: not even called per batch (as training.perf.skip_noop_batch_hooks does)
+        if trainer.world_size == 1:  # one process: not even called per batch (as training.perf.skip_noop_batch_hooks)
             for hook in ("on_train_batch_start", "on_before_backward", "on_train_batch_end"):
                 setattr(self, hook, None)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._on:
-            self._batch_start = time.perf_counter()
-            if self._batch_end is not None:
-                self._data += self._batch_start - self._batch_end
+        self._batch_start = time.perf_counter()
+        if self._batch_end is not None:
+            self._data += self._batch_start - self._batch_end
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        if self._on and self._batch_end is not None:
+        if self._batch_end is not None:
             self._forward += time.perf_counter() - self._batch_start
             self._batches += 1
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._on:
-            return
         step, every = trainer.global_step, trainer.log_every_n_steps
         if step != self._last_step and every and not step % every and self._batches:
             self._last_step = step
