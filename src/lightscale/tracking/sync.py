@@ -23,6 +23,7 @@ from pathlib import Path
 
 from lightscale.core.errors import UserError
 from lightscale.core.run_dir import WANDB_FINISHED_MARKER
+from lightscale.tracking.wandb_access import check_online
 
 SYNCED_MARKER = ".lightscale-synced"  # uploaded after it finished: nothing more to send
 UPLOAD_TIMEOUT_S = 600.0  # wandb sync retries for ever when the network goes; give up and try again later
@@ -164,8 +165,6 @@ def main(args: list[str] | None = None) -> None:
             raise UserError(f"lightscale sync: no such run directory or folder: {', '.join(missing)}")
         if not options.watch and not find_offline_runs(options.paths):
             raise UserError(f"lightscale sync: no offline W&B runs under {', '.join(map(str, options.paths))}")
-        from lightscale.tracking.wandb import check_online
-
         check_online(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai", purpose="W&B sync")
     except UserError as error:
         print(f"lightscale: error: {error}", file=sys.stderr)

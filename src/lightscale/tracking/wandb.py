@@ -1,13 +1,10 @@
 """Lightning's W&B logger with one ``mode`` switch, offline by default, and a run id that survives restarts."""
 
 import inspect
-import netrc
 import os
 import secrets
-import socket
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
@@ -15,19 +12,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightscale.core.errors import UserError
 from lightscale.core.run_dir import WANDB_RUN_ID_FILE
+from lightscale.tracking.wandb_access import check_online
 
 Mode = Literal["online", "offline", "disabled"]
-REACH_TIMEOUT_S = 10.0
-
-
-def _api_key_present(host: str) -> bool:
-    """Whether ``wandb login`` (``~/.netrc``) or ``WANDB_API_KEY`` holds a key for ``host``."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
 
 
 def resolve_mode(mode: str | None) -> str:
@@ -50,27 +37,6 @@ def check_settings(mode: str | None, init_kwargs: dict[str, Any] | None) -> None
         raise UserError(f"WandbLogger init_kwargs: wandb.init() takes no argument {', '.join(unknown)}")
     if mode == "online":
         check_online(os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url)
-
-
-def check_online(base_url: str, timeout: float = REACH_TIMEOUT_S, purpose: str = "W&B online mode") -> None:
-    """Fail in one line, before the run starts, when W&B online mode (or ``purpose``, e.g. an upload) cannot work:
-    no API key, or the server (or the HTTPS proxy) does not answer. Left alone, ``wandb.init`` retries for ~100 s
-    and ends in a traceback, and ``wandb sync`` retries for ever."""
-    url = urlparse(base_url)
-    host = url.hostname or base_url
-    later = ", or log offline (mode: offline) and `wandb sync` the run later" if purpose == "W&B online mode" else ""
-    if not _api_key_present(host):
-        raise UserError(f"{purpose} needs an API key for {host}: run `wandb login` or set WANDB_API_KEY{later}")
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urlparse(proxy if proxy and "://" in proxy else f"http://{proxy}") if proxy else url
-    address = (target.hostname or host, target.port or (443 if target.scheme == "https" else 80))
-    try:
-        socket.create_connection(address, timeout=timeout).close()
-    except OSError as error:
-        via = f" through the proxy {address[0]}" if proxy else ""
-        raise UserError(
-            f"{purpose} cannot reach {base_url}{via} ({error.strerror or error}): check the network{later}"
-        ) from None
 
 
 class WandbLogger(_LightningWandbLogger):
