@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, load_average, machine, quiet_env, row, table
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["startup", "overhead", "overhead_breakdown", "data_path", "scaling", "gpu", "nanogpt"]
+BENCHMARKS = ["startup", "overhead", "overhead_breakdown", "data_path", "checkpoint_save", "scaling", "gpu", "nanogpt"]
 TEMPLATE_CASE = "nanoGPT CPU Shakespeare recipe, template"
 REFERENCE_CASE = "same recipe, nanoGPT's loop (plain PyTorch)"
 

@@ -50,6 +50,15 @@ def test_gpu_benchmark_prints_skipped_rows_without_cuda(tmp_path: Path) -> None:
     assert any(r["metric"].startswith("MFU") for r in rows)
 
 
+def test_background_checkpoint_benchmark_writes_the_foreground_file(tmp_path: Path) -> None:
+    out = tmp_path / "checkpoint_save.json"
+    result = _run("checkpoint_save.py", "--quick", "--params", "2000000", "--json", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {r["metric"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["same file as the foreground save"]["value"] == "yes"
+    assert rows["loop blocked, async_save"]["value"] > 0
+
+
 @pytest.mark.slow
 def test_overhead_arms_train_identically(tmp_path: Path) -> None:
     """Same init, batches, optimizer and steps: the template and the plain loop give the same losses."""

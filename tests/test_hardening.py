@@ -307,9 +307,13 @@ def test_run_names_stay_inside_the_run_root(name: str, capsys: pytest.CaptureFix
 
 
 # ------------------------------------------------------------------------------------------- disk full
-def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, async_save: str
+) -> None:
     """A real full disk: a 1.8 MB tmpfs holds the first checkpoint of a digits run (best-*.ckpt, 1.1 MB) and the
-    run's small files, but not the next one (last.ckpt, written as a temporary beside it)."""
+    run's small files, but not the next one (last.ckpt, written as a temporary beside it). A background write
+    (``checkpoint.async_save``) fails the same way, one save later."""
     mount = tmp_path / "disk"
     mount.mkdir()
     if subprocess.run(
@@ -318,7 +322,8 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN); the RLIMIT_FSIZE test covers the path")
     try:
         result = python_cli("fit", "--config", DIGITS, "--config", CSV, "--run.dir", str(mount / "run"),
-                            "--trainer.max_epochs", "5", "--run.min_free_gb", "0", *QUIET)  # fmt: skip
+                            "--trainer.max_epochs", "5", "--run.min_free_gb", "0", *QUIET,
+                            "--checkpoint.async_save", async_save)  # fmt: skip
         assert result.returncode == 2
         error = error_line(result.stderr)
         assert "could not write checkpoint" in error and "No space left on device" in error, error

@@ -22,6 +22,12 @@ def trainer() -> Trainer:
     return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
+def _model_parallel_strategy() -> object:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy()
+
+
 MODULE_NAMES = [
     ("lightning.fabric.utilities.types", "_PATH", "resilience/checkpoint_io.py"),
     ("lightning.fabric.utilities.types", "_Stateful", "resilience/exact_resume.py"),
@@ -62,6 +68,7 @@ INSTANCE_MEMBERS = [
     (trainer, "_accelerator_connector", "resilience/graceful_stop.py"),
     (trainer, "_checkpoint_connector", "resilience/graceful_stop.py"),
     (lambda: trainer().strategy, "_checkpoint_io", "cli/checkpoints.py"),
+    (_model_parallel_strategy, "_save_distributed_checkpoint", "resilience/checkpoint.py"),
     (lambda: trainer()._checkpoint_connector, "hpc_save_path", "resilience/graceful_stop.py"),
     (lambda: trainer()._accelerator_connector, "cluster_environment", "resilience/graceful_stop.py"),
 ]

@@ -1,13 +1,16 @@
 """Models and data that fail on purpose, loaded by the CLI through their class paths (``helpers.faults.X``)."""
 
+import json
 import time
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightscale.core.files import atomic_file
 from lightscale.data import DigitsDataModule
 from lightscale.data.tensor_dataset import BatchedTensorDataset
 from lightscale.models import Classifier
+from lightscale.resilience import checkpoint_io
 
 
 class NaNClassifier(Classifier):
@@ -138,3 +141,39 @@ class SlowReadDigits(DigitsDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         self.splits["train"] = _SlowReads(self.seconds, self.rank, *self.splits["train"].tensors)
+
+
+class SlowDisk(Callback):
+    """Checkpoint writes that take ``seconds`` longer, from the ``from_write``-th on: the bytes are in the temporary
+    file, the rename has not happened. Appends what happens to the file ``events`` (JSON lines: ``write-start`` / ``write-end``
+    with the checkpoint's step, ``step`` after each optimizer step), so a test sees what ran during a write and can
+    kill the run in the middle of one."""
+
+    def __init__(self, events: str, seconds: float = 1.0, from_write: int = 1) -> None:
+        self.events, self.seconds, self.from_write = events, seconds, from_write
+        self._writes = 0
+        self._original = None
+
+    def _event(self, **event: object) -> None:
+        with open(self.events, "a") as file:
+            file.write(json.dumps({**event, "time": time.monotonic()}) + "\n")
+
+    def _slow_save(self, checkpoint: dict, path: str) -> None:
+        self._writes += 1
+        with atomic_file(path, durable=True) as file:
+            torch.save(checkpoint, file)
+            if self._writes >= self.from_write:
+                self._event(event="write-start", step=checkpoint["global_step"], path=str(path))
+                time.sleep(self.seconds)
+        self._event(event="write-end", step=checkpoint["global_step"], path=str(path))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._original = checkpoint_io.atomic_save
+        checkpoint_io.atomic_save = self._slow_save
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._original is not None:
+            checkpoint_io.atomic_save = self._original
+
+    def on_train_batch_end(self, trainer, *args: object) -> None:
+        self._event(event="step", step=trainer.global_step)

@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightscale.resilience.async_save import BackgroundCheckpointIO
+
 
 class Checkpoint(ModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` (best-k by ``monitor``, ``last.ckpt``) with three differences:
@@ -28,6 +30,10 @@ class Checkpoint(ModelCheckpoint):
       ``StatefulDataLoader`` position, so a resume continues with the next batch of the epoch.
 
     Args:
+        async_save: write single-file checkpoints on a background thread
+            (:class:`~lightscale.resilience.async_save.BackgroundCheckpointIO`): the step pays for a copy into host
+            memory instead of the whole write. Sharded checkpoints (``ModelParallelStrategy`` with
+            ``save_distributed_checkpoint``) are written by every rank at once and stay in the foreground.
         last_every_n_steps: refresh ``last.ckpt`` every this many optimizer steps (``None``: off).
         last_every_minutes: refresh ``last.ckpt`` when this much training time has passed since the last
             refresh (``None``: off). Under DDP, rank 0's clock decides, checked at the logging cadence.
@@ -37,11 +43,13 @@ class Checkpoint(ModelCheckpoint):
     def __init__(
         self,
         *args: Any,
+        async_save: bool = False,
         last_every_n_steps: PositiveInt | None = None,
         last_every_minutes: PositiveFloat | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.async_save = async_save
         self.last_every_n_steps = last_every_n_steps
         self.last_every_minutes = last_every_minutes
         self._warned_missing_monitor = False
@@ -50,6 +58,15 @@ class Checkpoint(ModelCheckpoint):
         self._refreshed_step = -1
         self._refresh_time: float | None = None
         self._prev_batch_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if not self.async_save or stage != "fit" or isinstance(trainer.strategy.checkpoint_io, BackgroundCheckpointIO):
+            return
+        if getattr(trainer.strategy, "_save_distributed_checkpoint", False):
+            rank_zero_warn("checkpoint.async_save: sharded checkpoints are written in the foreground")
+            return
+        trainer.strategy.checkpoint_io = BackgroundCheckpointIO(trainer.strategy.checkpoint_io)
 
     # ------------------------------------------------------------------ monitor tolerance
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from lightscale.cluster.slurm import requeue
 from lightscale.core.run_dir import mark_wandb_run_finished
+from lightscale.resilience.async_save import wait_for_checkpoints
 
 TMP_NAME = ".requeue.ckpt.tmp"  # must not contain "hpc_ckpt_": Lightning and resume.py count those
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -144,6 +145,7 @@ class GracefulStop(Callback):
         path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
         _say(trainer, f"{_name(signum)}: saving {path} at step {trainer.global_step}, then stopping")
         trainer.save_checkpoint(path)  # collective: every rank, same step
+        wait_for_checkpoints(trainer)
         strategy.barrier("GracefulStop.saved")
         self._restore()
         raise Terminated(signum, path)
@@ -163,6 +165,7 @@ class GracefulStop(Callback):
         tmp = final.with_name(TMP_NAME)
         _say(trainer, f"signal {_name(signum)}: saving {final} at step {trainer.global_step}")
         trainer.save_checkpoint(tmp)  # collective: every rank, same step; ends with a barrier
+        wait_for_checkpoints(trainer)
         if trainer.is_global_zero:
             os.replace(tmp, final)
             for old in root.glob("hpc_ckpt_*.ckpt"):
