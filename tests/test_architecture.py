@@ -21,7 +21,7 @@ ALLOWED = {
     "contract": {"core"},
     "cluster": {"core"},
     "resilience": {"core", "cluster"},
-    "training": {"core"},
+    "training": {"core", "resilience"},
     "tracking": {"core", "cluster", "contract"},
     "data": {"core", "resilience"},
     "models": {"core", "nets", "training", "schedules", "contract"},

@@ -3,7 +3,6 @@ re-run, launch mistakes and W&B trouble are one line, and the small things a use
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -16,12 +15,12 @@ import yaml
 
 from conftest import CONFIGS, REPO, python_cli, run_cli, run_dirs, without_logging_noise
 from helpers.faults import Crash
+from helpers.resume import metrics_history
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
 GPT = str(CONFIGS / "experiment" / "gpt-cpu.yaml")
 CSV = str(CONFIGS / "logger" / "csv.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-TIMING = ("throughput/", "time/", "memory/", "ranks/")  # wall-clock and memory columns: differ between any two runs
 
 
 def error_line(stderr: str) -> str:
@@ -30,12 +29,6 @@ def error_line(stderr: str) -> str:
     assert sum(line.startswith("lightscale: error: ") for line in lines) == 1, lines
     return lines[-1]
 
-
-def history(run_dir: Path) -> list[dict[str, str]]:
-    """metrics.csv without the wall-clock columns (and without rows that held only those)."""
-    with (run_dir / "metrics.csv").open(newline="") as file:
-        rows = [{k: v for k, v in row.items() if v and not k.startswith(TIMING)} for row in csv.DictReader(file)]
-    return [row for row in rows if set(row) - {"step", "epoch"}]
 
 
 def summary(run_dir: Path) -> dict:
@@ -59,8 +52,8 @@ def test_a_resumed_run_keeps_the_whole_history_of_the_uninterrupted_one() -> Non
     assert run_cli(*digits("--run.dir", "runs/resumed", "--ckpt_path", "auto")) == 0
 
     reference, resumed = Path("runs/reference"), Path("runs/resumed")
-    assert history(resumed) == history(reference)
-    steps = [int(row["step"]) for row in history(resumed) if "train/loss" in row]
+    assert metrics_history(resumed) == metrics_history(reference)
+    steps = [int(row["step"]) for row in metrics_history(resumed) if "train/loss" in row]
     assert steps == [9, 19, 29]  # every logged step (log_every_n_steps 10) once
     ref, res = summary(reference), summary(resumed)
     assert res["status"] == "finished" and (ref["starts"], res["starts"]) == (1, 2)
@@ -91,7 +84,7 @@ def test_training_longer_than_planned(capsys: pytest.CaptureFixture[str]) -> Non
         run_cli(*digits("--run.dir", "runs/cosine", "--ckpt_path", "auto", "--trainer.max_epochs", "4", *cosine)) == 0
     )
     assert summary(Path("runs/cosine"))["global_step"] == 40
-    steps = [int(row["step"]) for row in history(Path("runs/cosine")) if "train/loss" in row]
+    steps = [int(row["step"]) for row in metrics_history(Path("runs/cosine")) if "train/loss" in row]
     assert steps[-1] == 39 and len(steps) == len(set(steps))
 
 

@@ -22,18 +22,19 @@ def trainer() -> Trainer:
     return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
-def _model_parallel_strategy() -> object:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return ModelParallelStrategy()
-
-
 MODULE_NAMES = [
     ("lightning.fabric.utilities.types", "_PATH", "resilience/checkpoint_io.py"),
     ("lightning.fabric.utilities.types", "_Stateful", "resilience/exact_resume.py"),
     ("lightning.fabric.utilities.data", "_set_sampler_epoch", "resilience/exact_resume.py"),
     ("lightning.pytorch.plugins.io.wrapper", "_WrappingCheckpointIO", "cli/checkpoints.py"),
     ("torch", "_amp_foreach_non_finite_check_and_unscale_", "resilience/nonfinite.py"),
+    ("torch.distributed._tools.mem_tracker", "MemTracker", "training/memory_plan.py"),
+    ("torch._subclasses.fake_tensor", "FakeTensorMode", "training/memory_plan.py"),
+    (
+        "torch.testing._internal.distributed.fake_pg",
+        "FakeStore",
+        "training/memory_plan.py (torch without Backend.FAKE)",
+    ),
 ]
 CLASS_MEMBERS = [
     (ModelCheckpoint, "_save_topk_checkpoint", "resilience/checkpoint.py"),
@@ -47,6 +48,14 @@ CLASS_MEMBERS = [
     (LightningCLI, "_get", "cli/preflight.py"),
 ]
 INSTANCE_MEMBERS = [
+    *[
+        (
+            lambda: importlib.import_module("torch.distributed._tools.mem_tracker").MemTracker(),
+            name,
+            "training/memory_plan.py",
+        )
+        for name in ("_update_peak_stats", "_peak_mem", "_peak_mem_snap", "_curr_mem_snap")
+    ],
     (lambda: ModelCheckpoint(), "_every_n_train_steps", "resilience/checkpoint.py"),
     (lambda: ModelCheckpoint(), "_train_time_interval", "resilience/checkpoint.py"),
     (lambda: ModelCheckpoint(), "_last_checkpoint_saved", "resilience/checkpoint.py"),
@@ -68,7 +77,6 @@ INSTANCE_MEMBERS = [
     (trainer, "_accelerator_connector", "resilience/graceful_stop.py"),
     (trainer, "_checkpoint_connector", "resilience/graceful_stop.py"),
     (lambda: trainer().strategy, "_checkpoint_io", "cli/checkpoints.py"),
-    (_model_parallel_strategy, "_save_distributed_checkpoint", "resilience/checkpoint.py"),
     (lambda: trainer()._checkpoint_connector, "hpc_save_path", "resilience/graceful_stop.py"),
     (lambda: trainer()._accelerator_connector, "cluster_environment", "resilience/graceful_stop.py"),
 ]

@@ -5,7 +5,6 @@ are tested on a real cluster in test_slurm_jobs.py."""
 
 from __future__ import annotations
 
-import csv
 import json
 import signal
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS
-from helpers.resume import assert_same_final_state, start, trial_env, wait
+from helpers.resume import assert_same_final_state, metrics_history, start, trial_env, wait
 from helpers.wandb_offline import find_offline_runs, read_offline_run
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
@@ -26,13 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data", "helpers.probe.DistributedDigits"]
-TIMING = ("throughput/", "time/", "memory/", "ranks/")  # wall-clock and memory columns differ between any two runs
 
-
-def history(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "metrics.csv").open(newline="") as file:
-        rows = [{k: v for k, v in r.items() if v and not k.startswith(TIMING)} for r in csv.DictReader(file)]
-    return [row for row in rows if set(row) - {"step", "epoch"}]
 
 
 @pytest.fixture(scope="module")
@@ -82,5 +75,5 @@ def test_a_stop_signal_saves_exits_and_resumes_exactly(
     wait(start([*ARGS, *extra, "--run.dir", str(run_dir), "--ckpt_path", "auto"], log, env), log)
     reference = references["ddp" if extra else "single"]
     assert assert_same_final_state(reference, run_dir) > 20
-    assert history(run_dir) == history(reference)
+    assert metrics_history(run_dir) == metrics_history(reference)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"

@@ -145,9 +145,9 @@ class SlowReadDigits(DigitsDataModule):
 
 class SlowDisk(Callback):
     """Checkpoint writes that take ``seconds`` longer, from the ``from_write``-th on: the bytes are in the temporary
-    file, the rename has not happened. Appends what happens to the file ``events`` (JSON lines: ``write-start`` / ``write-end``
-    with the checkpoint's step, ``step`` after each optimizer step), so a test sees what ran during a write and can
-    kill the run in the middle of one."""
+    file, the rename has not happened. Appends what happens to the file ``events`` (JSON lines: ``write-start`` /
+    ``write-end`` with the checkpoint's step, ``step`` after each optimizer step), so a test sees what ran during a
+    write and can kill the run in the middle of one."""
 
     def __init__(self, events: str, seconds: float = 1.0, from_write: int = 1) -> None:
         self.events, self.seconds, self.from_write = events, seconds, from_write
@@ -177,3 +177,43 @@ class SlowDisk(Callback):
 
     def on_train_batch_end(self, trainer, *args: object) -> None:
         self._event(event="step", step=trainer.global_step)
+
+
+class HangingShardedWrite(Callback):
+    """The ``from_write``-th sharded checkpoint save stops for ``seconds`` once every rank has written its shards,
+    just before rank 0 writes the metadata that completes the checkpoint (``FileSystemWriter.finish``). Rank 0
+    appends ``write-start`` and ``step`` events to ``events`` as :class:`SlowDisk` does."""
+
+    def __init__(self, events: str, seconds: float = 600, from_write: int = 1) -> None:
+        self.events, self.seconds, self.from_write = events, seconds, from_write
+        self._writes = 0
+        self._original = None
+
+    def _event(self, **event: object) -> None:
+        with open(self.events, "a") as file:
+            file.write(json.dumps({**event, "time": time.monotonic()}) + "\n")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+        self._original = original = FileSystemWriter.finish
+        hook = self
+
+        def finish(writer, metadata, results) -> None:
+            hook._writes += 1
+            if hook._writes >= hook.from_write:
+                hook._event(event="write-start", path=str(writer.path))
+                time.sleep(hook.seconds)
+            original(writer, metadata, results)
+
+        FileSystemWriter.finish = finish
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._original is not None:
+            from torch.distributed.checkpoint.filesystem import FileSystemWriter
+
+            FileSystemWriter.finish = self._original
+
+    def on_train_batch_end(self, trainer, *args: object) -> None:
+        if trainer.is_global_zero:
+            self._event(event="step", step=trainer.global_step)

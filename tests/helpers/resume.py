@@ -7,6 +7,7 @@ group (every DDP rank, as a node failure would), so no Python code, ``finally`` 
 executes after the kill.
 """
 
+import csv
 import os
 import random
 import signal
@@ -103,6 +104,16 @@ def pause_callback_args(step: int, marker: Path) -> list[str]:
         f"--trainer.callbacks.step={step}",
         f"--trainer.callbacks.marker={marker}",
     ]
+
+
+TIMING = ("throughput/", "time/", "memory/", "ranks/")  # wall-clock and memory columns: differ between any two runs
+
+
+def metrics_history(run_dir: Path) -> list[dict[str, str]]:
+    """metrics.csv without the wall-clock columns (and without rows that held only those)."""
+    with (run_dir / "metrics.csv").open(newline="") as file:
+        rows = [{k: v for k, v in row.items() if v and not k.startswith(TIMING)} for row in csv.DictReader(file)]
+    return [row for row in rows if set(row) - {"step", "epoch"}]
 
 
 def _strip_run_dir(value: Any, run_dir: str) -> Any:

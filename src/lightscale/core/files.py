@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -55,12 +56,13 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete temporaries left by a process killed mid-write (``.<name>.<random>.tmp``)."""
+    """Delete temporaries left by a process killed mid-write (``.<name>.<random>.tmp``: files, and the folders of
+    sharded checkpoints)."""
     removed = []
     directory = Path(directory)
     if directory.is_dir():
         for tmp in directory.glob(f".*{TMP_SUFFIX}"):
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
                 removed.append(tmp)
     return removed

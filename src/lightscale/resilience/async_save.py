@@ -108,3 +108,6 @@ def wait_for_checkpoints(trainer: Any) -> None:
     checkpoint_io = trainer.strategy.checkpoint_io
     if isinstance(checkpoint_io, BackgroundCheckpointIO):
         checkpoint_io.wait()
+    sharded = getattr(trainer.strategy, "wait_for_checkpoints", None)  # lightscale's ModelParallelStrategy
+    if sharded is not None:
+        sharded()

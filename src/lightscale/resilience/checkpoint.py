@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -32,8 +33,8 @@ class Checkpoint(ModelCheckpoint):
     Args:
         async_save: write single-file checkpoints on a background thread
             (:class:`~lightscale.resilience.async_save.BackgroundCheckpointIO`): the step pays for a copy into host
-            memory instead of the whole write. Sharded checkpoints (``ModelParallelStrategy`` with
-            ``save_distributed_checkpoint``) are written by every rank at once and stay in the foreground.
+            memory instead of the whole write; sharded checkpoints too, under
+            :class:`lightscale.training.ModelParallelStrategy`.
         last_every_n_steps: refresh ``last.ckpt`` every this many optimizer steps (``None``: off).
         last_every_minutes: refresh ``last.ckpt`` when this much training time has passed since the last
             refresh (``None``: off). Under DDP, rank 0's clock decides, checked at the logging cadence.
@@ -61,12 +62,19 @@ class Checkpoint(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if not self.async_save or stage != "fit" or isinstance(trainer.strategy.checkpoint_io, BackgroundCheckpointIO):
+        if not self.async_save or stage != "fit":
             return
-        if getattr(trainer.strategy, "_save_distributed_checkpoint", False):
-            rank_zero_warn("checkpoint.async_save: sharded checkpoints are written in the foreground")
-            return
-        trainer.strategy.checkpoint_io = BackgroundCheckpointIO(trainer.strategy.checkpoint_io)
+        strategy = trainer.strategy
+        save_in_background = getattr(strategy, "save_in_background", None)  # lightscale's ModelParallelStrategy
+        if save_in_background is not None:
+            save_in_background()
+        elif isinstance(strategy, ModelParallelStrategy):
+            rank_zero_warn(
+                "checkpoint.async_save: Lightning's ModelParallelStrategy writes sharded checkpoints in the "
+                "foreground; name lightscale.training.ModelParallelStrategy (as configs/trainer/fsdp.yaml does)"
+            )
+        if not isinstance(strategy.checkpoint_io, BackgroundCheckpointIO):  # full checkpoints (rank 0's file)
+            strategy.checkpoint_io = BackgroundCheckpointIO(strategy.checkpoint_io)
 
     # ------------------------------------------------------------------ monitor tolerance
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:

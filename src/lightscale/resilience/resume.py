@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightscale.core.errors import UserError
 from lightscale.core.files import remove_stale_temporaries
 from lightscale.resilience.checkpoint_io import SHARDED_META, CheckpointError, open_checkpoint
+from lightscale.resilience.sharded_checkpoint import recover_interrupted_swaps
 
 RESUME_MODES = ("auto", "last", "hpc")
 INVALID_PREFIX = "invalid-"  # a damaged hpc_ckpt_N.ckpt is renamed so that Lightning's own SLURM lookup skips it
@@ -97,6 +98,8 @@ def resolve_resume_path(run_dir: str | Path, mode: str = "auto", trusted: bool =
     """The newest valid checkpoint of ``run_dir`` (see module docstring; ``hpc``: among ``hpc_ckpt_*`` only),
     or ``None`` for a fresh start. Damaged ``hpc_ckpt_*`` files are renamed aside (:func:`quarantine`)."""
     run_dir = Path(run_dir)
+    for restored in [*recover_interrupted_swaps(run_dir / "checkpoints"), *recover_interrupted_swaps(run_dir)]:
+        report(f"lightscale: put back {restored.name}, which a kill left aside while replacing it")
     removed = remove_stale_temporaries(run_dir / "checkpoints")
     if removed:
         report(f"lightscale: removed {len(removed)} partial checkpoint file(s) left by an interrupted save")
