@@ -95,7 +95,7 @@ def test_init_scales_residual_projections_by_depth() -> None:
     for block in net.blocks:
         for weight in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
             assert weight.std().item() == pytest.approx(expected, rel=0.05)
-        assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert block.attn.q.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert net.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
@@ -149,7 +149,7 @@ def test_weight_decay_only_on_linear_weights() -> None:
     kept = {names[id(p)] for p in no_decay["params"]}
     linear = {f"{n}.weight" for n, m in net.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     assert decayed == linear
-    assert {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "blocks.0.attn.c_attn.bias"} <= kept
+    assert {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "blocks.0.attn.q.bias"} <= kept
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)  # every parameter exactly once
 
 
@@ -325,3 +325,21 @@ def test_unencodable_sample_prompt_warns_instead_of_failing(tmp_path: Path) -> N
     with pytest.warns(UserWarning, match="sample_prompt cannot be encoded"):
         trainer.fit(model, dm)
     assert trainer.global_step == 2 and "val/loss" in trainer.callback_metrics
+
+
+def test_loads_checkpoints_with_the_fused_qkv_projection() -> None:
+    """Checkpoints from before q, k, v became separate Linears (one ``c_attn``) load into the same model."""
+    net = tiny_gpt()
+    fused = {}
+    for key, value in net.state_dict().items():
+        if ".attn.q." in key:
+            parts = [net.state_dict()[key.replace(".q.", f".{name}.")] for name in "qkv"]
+            fused[key.replace(".q.", ".c_attn.")] = torch.cat(parts)
+        elif ".attn.k." not in key and ".attn.v." not in key:
+            fused[key] = value
+    torch.manual_seed(1)
+    other = GPT(net.config).eval()
+    idx = torch.randint(0, net.config.vocab_size, (2, 8))
+    assert not torch.equal(net.eval()(idx), other(idx))
+    other.load_state_dict(fused)
+    assert torch.equal(net(idx), other(idx))

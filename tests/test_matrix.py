@@ -5,14 +5,17 @@ Presets are discovered from ``configs/{trainer,logger,debug}``, so a new preset 
 cannot run on this machine (no GPU, no W&B account) must be refused in one line, with nothing created. Sizes are
 tiny (a config layered between the experiment and the preset, so the preset's own settings win). The default suite
 runs the digits experiment under every in-process preset and every experiment alone; the rest of the cross product
-(other experiments, and the 2-process ddp / fsdp presets) is in the slow suite. ``make matrix`` runs all of it and
-prints the table (``pytest_terminal_summary`` in conftest.py).
+(other experiments, and the multi-process ddp / fsdp / tp / fsdp-tp / hsdp presets) is in the slow suite.
+``make matrix`` runs all of it and prints the table (``pytest_terminal_summary`` in conftest.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -26,11 +29,29 @@ PRESET_FILES = sorted(p for kind in ("trainer", "logger", "debug") for p in (CON
 PRESETS = ["(none)", *(f"{p.parent.name}/{p.stem}" for p in PRESET_FILES)]
 # no CUDA device here, no W&B account: these must fail at once, in one line, creating nothing
 REFUSED_ON_CPU = {"trainer/gpu": "no CUDA GPU is visible", "logger/wandb-online": "W&B online mode needs an API key"}
+# a model without a tensor-parallel plan (the digits Classifier) is refused by every process at the start of fit
+REFUSED_FOR = {("digits", p): "applies no tensor-parallel plan" for p in ("trainer/tp", "trainer/fsdp-tp")}
 # several processes: Lightning's launcher re-runs the command, so they run as `python -m lightscale` (2 CPU ranks)
 MULTI_PROCESS = {
     "trainer/ddp": ["--trainer.accelerator", "cpu", "--trainer.devices", "2"],
     "trainer/fsdp": ["--trainer.accelerator", "cpu"],
+    "trainer/tp": ["--trainer.accelerator", "cpu"],
 }
+# 4 processes: more than this machine's cores, which the CLI refuses to launch itself, so torchrun starts them (as a
+# cluster would). HSDP's two "nodes" become two shard groups of 2 on one node.
+TORCHRUN = {
+    "trainer/fsdp-tp": ["--trainer.accelerator", "cpu"],
+    "trainer/hsdp": ["--trainer.accelerator", "cpu", "--trainer.num_nodes", "1", "--trainer.devices", "4",
+                     "--trainer.strategy.init_args.shard_size", "2"],
+}  # fmt: skip
+MULTI_PROCESS.update(TORCHRUN)
+# The tensor-parallel and HSDP presets run digits and one GPT experiment: the GPT experiments differ only in sizes,
+# which tiny_config overrides, so each further one would cost 2-4 minutes of 2-4 processes on 2 cores (measured)
+# for no new coverage. Their numerical equivalence with one process is tests/test_parallel_layouts.py.
+LAYOUT_PRESETS = {"trainer/tp", *TORCHRUN}
+LAYOUT_EXPERIMENTS = {"digits", "gpt-cpu"}
+# digits under HSDP shards like digits under fsdp (cell trainer/fsdp), at 4 minutes of 4 processes on 2 cores
+LAYOUT_SKIPPED = {("digits", "trainer/hsdp")}
 DEFAULT_SUITE = {("digits", p) for p in PRESETS if p not in MULTI_PROCESS} | {(e, "(none)") for e in EXPERIMENTS}
 SUBCOMMANDS = ("fit", "validate", "test", "predict", "refit")
 
@@ -62,17 +83,20 @@ def tiny_config(experiment: str, workdir: Path) -> Path:
             "data": {"init_args": {"path": str(corpus), "block_size": 32, "batch_size": 4, "val_batches": 2,
                                    "train_samples_per_epoch": 64, "cache_dir": str(workdir / "tokens"),
                                    "val_fraction": 0.1, "num_workers": 0, "tokenizer": offline_tokenizer,
-                                   "prompts": ["def ", "import "]}},  # one per process under ddp/fsdp
+                                   "prompts": ["def ", "import ", "class ", "return "]}},  # one per process
         }  # fmt: skip
     path = workdir / f"tiny-{experiment}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def one_error_line(stderr: str) -> str:
+def one_error_line(stderr: str, processes: int = 1) -> str:
+    """The one error line (printed by each of up to ``processes`` processes when they all refuse: the first one to
+    exit may end the others before they print)."""
     lines = without_logging_noise(stderr)
     errors = [line for line in lines if line.startswith("lightscale: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in "".join(lines), stderr[-3000:]
+    assert 1 <= len(errors) <= processes and len(set(errors)) == 1, stderr[-3000:]
+    assert lines[-1] == errors[0] and "Traceback" not in "".join(lines), stderr[-3000:]
     return errors[0]
 
 
@@ -95,6 +119,20 @@ class Cell:
 
     def run(self, *args: str) -> tuple[int, str]:
         """``lightscale ARGS``: in this process, or as separate processes for multi-process presets."""
+        if self.preset in TORCHRUN:
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+            result = subprocess.run(
+                [*torchrun, "-m", "lightscale", *args, *self.multi], capture_output=True, text=True, timeout=600
+            )
+            if result.returncode == 0:
+                return 0, result.stderr
+            # torchrun exits 1 and appends its own report (with its own traceback): judge the ranks' output, and
+            # the exit code of the rank that failed first
+            ranks = re.split(
+                r"^[WE]\d{4} [\d:.]+ \d+ torch/distributed/elastic/", result.stderr, maxsplit=1, flags=re.M
+            )[0]
+            root_cause = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", result.stderr, re.S)
+            return (int(root_cause.group(1)) if root_cause else result.returncode), ranks
         if self.multi is not None:
             result = python_cli(*args, *self.multi, timeout=600)
             return result.returncode, result.stderr
@@ -125,6 +163,13 @@ def run_cell(cell: Cell) -> None:
         assert not run_dirs()
         cell.outcome.update({name: "refused (one line)" for name in SUBCOMMANDS})
         return
+    if (experiment_kind(experiment), preset) in REFUSED_FOR:
+        code, stderr = cell.run("fit", *cell.base)
+        processes = 4 if preset in TORCHRUN else 2
+        assert code == 2 and REFUSED_FOR[experiment_kind(experiment), preset] in one_error_line(stderr, processes)
+        assert not run_dirs()
+        cell.outcome.update({name: "refused: no tensor-parallel plan (one line per process)" for name in SUBCOMMANDS})
+        return
 
     fit_dir = cell.command("fit", "fit", *cell.base)
     summary = json.loads((fit_dir / "summary.json").read_text())
@@ -149,7 +194,7 @@ def run_cell(cell: Cell) -> None:
     else:
         before = run_dirs()
         code, stderr = cell.run("test", *source)
-        assert code == 2 and "has no test split" in one_error_line(stderr)
+        assert code == 2 and "has no test split" in one_error_line(stderr, 4 if preset in TORCHRUN else 1)
         assert run_dirs() == before
         cell.outcome["test"] = "refused: no test split (one line)"
 
@@ -170,6 +215,7 @@ CELLS = [
     pytest.param(e, p, id=f"{e}-{p}", marks=() if (e, p) in DEFAULT_SUITE else pytest.mark.slow)
     for e in EXPERIMENTS
     for p in PRESETS
+    if (p not in LAYOUT_PRESETS or e in LAYOUT_EXPERIMENTS) and (e, p) not in LAYOUT_SKIPPED
 ]
 
 

@@ -22,6 +22,7 @@ import yaml
 from cluster.fixtures import SlurmCluster, sbatch_wait, squeue_state
 from conftest import CONFIGS, REPO
 from helpers.wandb_offline import find_offline_runs, read_offline_run
+from test_parallel_layouts import EXPERIMENT, compare, fit_args, results, sizing, strip
 
 pytestmark = pytest.mark.slurm
 
@@ -143,6 +144,30 @@ def test_two_nodes_two_tasks_agree(slurm_cluster: SlurmCluster, tmp_path: Path) 
     start = json.loads((run_dir / "slurm-starts.jsonl").read_text().splitlines()[0])
     assert start["num_nodes"] == "2" and start["ntasks"] == "4" and start["nodes"] == "n[1-2]"
     one_wandb_run(run_dir)
+
+
+def test_hsdp_two_nodes_matches_single_process(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """configs/trainer/hsdp.yaml as written (2 nodes x 2 tasks: FSDP2 within a node, replicated across the two)
+    trains the tiny GPT as one process does: same per-step loss and gathered final weights (the tolerances of
+    test_parallel_layouts.py)."""
+    env = job_env(slurm_cluster)
+    hsdp = ["--config", str(CONFIGS / "trainer" / "hsdp.yaml"), "--trainer.accelerator", "cpu"]
+    args = [EXPERIMENT, *sizing(tmp_path / "job", 4), *hsdp]
+    options = ["--nodes=2", "--ntasks-per-node=2", *CPU_RESOURCES]
+    job, rc = sbatch_wait(TRAIN, args, env=env, cwd=tmp_path, timeout=300, options=options)
+    assert rc == 0, job_log(tmp_path, job)
+    only_run_dir(tmp_path, job)
+    hybrid = strip(results(tmp_path, 4, {"net.blocks.0.mlp.c_fc.weight": ("replicate", "shard")}))
+
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    one = subprocess.run(
+        [sys.executable, "-m", "lightscale", *fit_args(single_dir, 1), "--trainer.accelerator", "cpu",
+         "--trainer.devices", "1"],
+        cwd=single_dir, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    compare("slurm hsdp 2x2", strip(results(single_dir, 1)), hybrid)
 
 
 # ------------------------------------------------------------------------------------------------ a hang

@@ -2,8 +2,11 @@
 
 Runs add the callback with ``--trainer.callbacks+=helpers.probe.Probe`` and ``PYTHONPATH=<repo>/tests``; the test
 then reads ``<run_dir>/probe/``: ``step-rank<R>`` (the last finished optimizer step, to time an interruption),
-``weights-rank<R>.pt`` (that rank's parameters when training ended: every rank ran, ranks and runs can be
-compared) and, with ``trace``, ``trace-rank<R>.txt`` (per batch: step, batch index, batch checksums, weights sum).
+``weights-rank<R>.pt`` (that rank's parameters when training ended, sharded ones (DTensors: FSDP2, tensor
+parallel) gathered whole: every rank ran, ranks, layouts and runs can be compared), with ``trace``,
+``trace-rank<R>.txt`` (per batch: step, batch index, batch checksums, weights sum) and, with ``losses``,
+``loss-rank<R>.txt`` (per batch: step and that rank's own training loss, unsynced, so a test can average the
+data-parallel ranks into the global loss).
 """
 
 import os
@@ -22,9 +25,10 @@ from lightscale.data.tensor_dataset import passthrough_collate
 
 
 class Probe(Callback):
-    def __init__(self, step_delay: float = 0.0, trace: bool = False) -> None:
+    def __init__(self, step_delay: float = 0.0, trace: bool = False, losses: bool = False) -> None:
         self.step_delay = step_delay  # seconds slept after each step: a run long enough to interrupt
         self.trace = trace
+        self.losses = losses
 
     def _dir(self, trainer: L.Trainer) -> Path:
         path = Path(trainer.default_root_dir) / "probe"
@@ -39,7 +43,11 @@ class Probe(Callback):
             with open(self._dir(trainer) / f"trace-rank{trainer.global_rank}.txt", "a") as file:
                 file.write(f"{trainer.global_step} {idx} {data} {weights:.10f}\n")
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        if self.losses:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            with open(self._dir(trainer) / f"loss-rank{trainer.global_rank}.txt", "a") as file:
+                file.write(f"{trainer.global_step} {float(loss):.10f}\n")
         target = self._dir(trainer) / f"step-rank{trainer.global_rank}"
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(f"{trainer.global_step}\n")
@@ -48,9 +56,22 @@ class Probe(Callback):
             time.sleep(self.step_delay)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        weights = {name: p.detach().cpu().clone() for name, p in pl_module.named_parameters()}
+        from torch.distributed.tensor import DTensor
+
+        weights = {  # full_tensor is a collective: every rank gathers every parameter, in the same order
+            name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+            for name, p in pl_module.named_parameters()
+        }
+        meshes = {  # how each sharded parameter was laid out, e.g. ("data_parallel", "tensor_parallel")
+            name: p.device_mesh.mesh_dim_names for name, p in pl_module.named_parameters() if isinstance(p, DTensor)
+        }
         torch.save(
-            {"weights": weights, "global_step": trainer.global_step, "world_size": trainer.world_size},
+            {
+                "weights": weights,
+                "meshes": meshes,
+                "global_step": trainer.global_step,
+                "world_size": trainer.world_size,
+            },
             self._dir(trainer) / f"weights-rank{trainer.global_rank}.pt",
         )
 

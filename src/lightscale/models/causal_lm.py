@@ -2,7 +2,8 @@
 
 Everything needed to go from a laptop CPU to multi-GPU lives here: the optimizer (AdamW by default) with the usual
 no-decay groups, a schedule planned over the run (warm-up + cosine by default), optional regional
-``torch.compile`` and activation checkpointing, and FSDP2 sharding when the Trainer runs ``ModelParallelStrategy``.
+``torch.compile`` and activation checkpointing, and FSDP2 sharding (with tensor parallelism inside each block when
+``tensor_parallel_size`` > 1, or hybrid sharding) when the Trainer runs ``ModelParallelStrategy``.
 """
 
 import contextlib
@@ -13,13 +14,13 @@ import torch
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightscale.core.errors import UserError
 from lightscale.nets.gpt import GPT, GPTConfig
 from lightscale.schedules import WarmupCosine, build_scheduler
-from lightscale.training.parallel import fsdp2
+from lightscale.training.parallel import clip_grad_norm, fsdp2, fsdp_mesh, tensor_parallel, tensor_parallel_size
 
 
 def param_groups(module: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict[str, Any]]:
@@ -117,16 +118,40 @@ class CausalLM(L.LightningModule):
         return batch.shape[0] * (batch.shape[1] - 1)
 
     def configure_model(self) -> None:
-        """Compile and shard (FSDP2: one unit per block, then the root with embeddings and head) once, before
-        the optimizer is created. Sharding applies only under ``ModelParallelStrategy``."""
+        """Compile, split each block over the tensor-parallel ranks (when ``tensor_parallel_size`` > 1), then shard
+        with FSDP2 (one unit per block, then the root with embeddings and head), once, before the optimizer is
+        created. Parallelism applies only under ``ModelParallelStrategy`` (docs/parallelism.md)."""
         if self._parallelized:
             return
         self._parallelized = True
         if self.hparams.compile:
             for block in self.net.blocks:
                 block.compile()
-        if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            fsdp2(self.net, self.net.blocks, self.device_mesh["data_parallel"], str(self.trainer.precision))
+        if self.device_mesh is None:  # not under ModelParallelStrategy (or not in a Trainer at all)
+            return
+        tp = tensor_parallel_size(self)
+        if tp > 1:
+            hp = self.hparams
+            if hp.n_head % tp or hp.n_embd % tp:
+                raise UserError(
+                    f"model.n_head={hp.n_head} and model.n_embd={hp.n_embd} (and 4 x n_embd) must be divisible by "
+                    f"trainer.strategy tensor_parallel_size={tp}: each tensor-parallel rank holds whole heads"
+                )
+            tensor_parallel(self.net.blocks, self.device_mesh["tensor_parallel"])
+        fsdp2(self.net, self.net.blocks, fsdp_mesh(self), str(self.trainer.precision))
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by norm with :func:`~lightscale.training.parallel.clip_grad_norm` under tensor parallelism, whose
+        parameters live on two meshes (torch's own clip refuses them); Lightning's clipping otherwise."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and tensor_parallel_size(self) > 1:
+            clip_grad_norm(self.parameters(), gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from lightscale.nets import SmallCNN
 from lightscale.schedules import OneCycle, build_scheduler
-from lightscale.training.parallel import fsdp2, is_sharded
+from lightscale.training.parallel import fsdp2, fsdp_mesh, is_sharded
 
 
 class Classifier(L.LightningModule):
@@ -56,11 +56,12 @@ class Classifier(L.LightningModule):
         self.train_metrics.persistent(True)
 
     def configure_model(self) -> None:
-        """Compile, and shard with FSDP2 when the Trainer runs ``ModelParallelStrategy`` (configs/trainer/fsdp.yaml)."""
+        """Compile, and shard with FSDP2 when the Trainer runs ``ModelParallelStrategy`` (configs/trainer/fsdp.yaml,
+        hsdp.yaml). It has no tensor-parallel plan: ShardingCheck refuses ``tensor_parallel_size`` > 1."""
         if self.hparams.compile:
             self.net.compile()  # in place: the state-dict keys stay those of the plain net
         if self.device_mesh is not None and not is_sharded(self):
-            fsdp2(self.net, [], self.device_mesh["data_parallel"], str(self.trainer.precision))
+            fsdp2(self.net, [], fsdp_mesh(self), str(self.trainer.precision))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)

@@ -34,24 +34,39 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where position t only attends to positions <= t."""
+    """Multi-head self-attention where position t only attends to positions <= t.
+
+    q, k and v are separate Linears (not one fused ``c_attn``) so that tensor parallelism can shard each by
+    output features, i.e. by heads; the forward reads the head count from its input (``-1`` heads of a fixed
+    ``head_dim``), so it runs unchanged on a rank that holds only some of the heads."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.k = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.v = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.register_load_state_dict_pre_hook(_split_fused_qkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, time, channels = x.shape
-        q, k, v = self.c_attn(x).split(channels, dim=2)
-        # (B, T, C) -> (B, heads, T, head_dim)
-        q, k, v = (t.view(batch, time, self.n_head, channels // self.n_head).transpose(1, 2) for t in (q, k, v))
+        batch, time, _ = x.shape
+        # (B, T, heads * head_dim) -> (B, heads, T, head_dim); heads are this rank's heads under tensor parallelism
+        q, k, v = (proj(x).view(batch, time, -1, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(batch, time, channels)
+        y = y.transpose(1, 2).reshape(batch, time, -1)
         return self.resid_dropout(self.c_proj(y))
+
+
+def _split_fused_qkv(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Load checkpoints written when q, k, v were one fused ``c_attn`` Linear (output features q | k | v)."""
+    for name in ("weight", "bias"):
+        fused = state_dict.pop(f"{prefix}c_attn.{name}", None)
+        if fused is not None:
+            for key, part in zip("qkv", fused.chunk(3), strict=True):
+                state_dict[f"{prefix}{key}.{name}"] = part
 
 
 class MLP(nn.Module):
