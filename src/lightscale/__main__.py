@@ -7,6 +7,7 @@ command                                    what it does
 ``report [RUN_DIR ...]``                   report.md and plots of a run (the newest), or a comparison
 ``preflight --config ... [--sbatch ...]``  check a SLURM job before it queues (no GPU needed)
 ``sync [--watch] [RUN_DIR ...]``           upload offline W&B runs, also while they run (login node)
+``export RUN_DIR_OR_CKPT [--out DIR]``      one-file checkpoint + safetensors + architecture, loadable anywhere
 =========================================  ============================================================
 """
 
@@ -21,6 +22,7 @@ COMMANDS = {
     "report": "lightscale.report.command",
     "preflight": "lightscale.cli.preflight",
     "sync": "lightscale.tracking.sync",
+    "export": "lightscale.resilience.export",
 }
 ARGUMENTS_ARE_THE_SUBCOMMAND = {"lightscale.cli.main"}  # LightningCLI reads "fit ..." itself
 

@@ -1,7 +1,7 @@
 """Training and validation samples from a token memmap: windows of ``block_size + 1`` tokens, drawn by a hash.
 
 The start of the window with sample id ``i`` is a hash of ``(seed, i)``; the sampler hands every (epoch,
-data-parallel rank) its own range of ids. So the stream is deterministic, different on every rank and in every
+data-parallel rank) its own ids. So the stream is deterministic, different on every rank and in every
 epoch, and a torchdata ``StatefulDataLoader`` resumes it exactly mid-epoch; the corpus is never loaded into RAM.
 """
 
@@ -64,8 +64,13 @@ class TokenWindows(Dataset):
 
 
 class WindowSampler(DistributedSampler):
-    """Sample ids for :class:`TokenWindows`: rank ``r`` of ``W`` in epoch ``e`` gets the ``n = len // W`` ids
-    starting at ``(e * W + r) * n``, so no two (epoch, rank) pairs share a window id.
+    """Sample ids for :class:`TokenWindows`: epoch ``e`` reads the ids ``e * len + j`` in order, dealt out to
+    the ``W`` ranks round-robin (rank ``r`` gets ``j = r, r + W, r + 2W, ...``), so no two epochs share a window id.
+
+    Dealing round-robin makes the data stream independent of the number of processes: with a per-rank batch of
+    ``B``, optimizer step ``s`` of every layout trains on ids ``j`` in ``[s*W*B, (s+1)*W*B)``, so 2 processes x B
+    see the same global batches as 1 process x 2B, and a checkpoint resumes on another world size where it
+    stopped (the loader fast-forwards by whole batches of the new size).
 
     It subclasses ``DistributedSampler`` so Lightning keeps it (instead of injecting its own) and calls
     ``set_epoch`` on it every epoch; a ``StatefulDataLoader`` fast-forwards it exactly on resume.
@@ -75,8 +80,8 @@ class WindowSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)
 
     def __iter__(self) -> Iterator[int]:
-        start = (self.epoch * self.num_replicas + self.rank) * self.num_samples
-        return iter(range(start, start + self.num_samples))
+        start = self.epoch * len(self.dataset) + self.rank  # type: ignore[arg-type]
+        return iter(range(start, start + self.num_samples * self.num_replicas, self.num_replicas))
 
 
 def passthrough(batch: torch.Tensor) -> torch.Tensor:

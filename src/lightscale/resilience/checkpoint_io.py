@@ -149,17 +149,10 @@ def _refuse(path: str, error: Exception) -> CheckpointError:
     )
 
 
-def vet_sharded(folder: _PATH, allow: Iterable[Any] = ()) -> dict[str, Any]:
-    """Check a sharded (``torch.distributed.checkpoint``) checkpoint folder without running any of its code, and
-    return its Lightning metadata (``meta.pt``: loops, callbacks, hyper-parameters).
-
-    ``torch.distributed.checkpoint`` reads the folder's index with a plain ``pickle.load`` and every non-tensor
-    entry (optimizer settings, ...) with ``torch.load(weights_only=False)``: either can run code from a crafted
-    file. Here the index is read by an unpickler that knows only its metadata classes, and each non-tensor entry
-    is opened weights-only, before the strategy loads the folder; a refusal is one line naming the file.
-    """
+def read_sharded_index(folder: _PATH) -> Any:
+    """The ``torch.distributed.checkpoint`` index (``.metadata``) of a sharded checkpoint folder, unpickled by a
+    reader that knows only the index's own metadata classes (torch's reader uses plain ``pickle.load``)."""
     folder = Path(str(folder))
-    meta = safe_load(folder / SHARDED_META, allow=allow)
     index = folder / SHARDED_INDEX
     if not index.is_file():
         raise CheckpointError(f"sharded checkpoint {folder} has no {SHARDED_INDEX} file (an interrupted save)")
@@ -174,6 +167,23 @@ def vet_sharded(folder: _PATH, allow: Iterable[Any] = ()) -> dict[str, Any]:
     storage = getattr(metadata, "storage_data", None)
     if not isinstance(entries, dict) or not isinstance(storage, dict):
         raise CheckpointError(f"{index} is not a torch.distributed.checkpoint index")
+    return metadata
+
+
+def vet_sharded(folder: _PATH, allow: Iterable[Any] = ()) -> dict[str, Any]:
+    """Check a sharded (``torch.distributed.checkpoint``) checkpoint folder without running any of its code, and
+    return its Lightning metadata (``meta.pt``: loops, callbacks, hyper-parameters).
+
+    ``torch.distributed.checkpoint`` reads the folder's index with a plain ``pickle.load`` and every non-tensor
+    entry (optimizer settings, ...) with ``torch.load(weights_only=False)``: either can run code from a crafted
+    file. Here the index is read by an unpickler that knows only its metadata classes, and each non-tensor entry
+    is opened weights-only, before the strategy loads the folder; a refusal is one line naming the file.
+    """
+    folder = Path(str(folder))
+    meta = safe_load(folder / SHARDED_META, allow=allow)
+    index = folder / SHARDED_INDEX
+    metadata = read_sharded_index(folder)
+    entries, storage = metadata.state_dict_metadata, metadata.storage_data
     for where, info in storage.items():
         fqn = getattr(where, "fqn", None)
         if type(entries.get(fqn)).__name__ != "BytesStorageMetadata":
@@ -293,4 +303,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if weights_only is False:
             # Lightning passes False only when the caller asked for it explicitly (trusted file).
             return super().load_checkpoint(path, map_location=map_location, weights_only=False)
+        if Path(str(path)).is_dir() and (Path(str(path)) / SHARDED_META).is_file():
+            # a sharded checkpoint resumed by a strategy that does not shard (one device): consolidate it here
+            from lightscale.resilience.export import load_sharded
+
+            return load_sharded(path, allow=self._allowed())
         return safe_load(path, map_location=map_location, allow=self._allowed())

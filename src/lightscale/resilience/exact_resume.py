@@ -197,6 +197,22 @@ def _all_gather(obj: Any) -> list[Any]:
     return [obj]
 
 
+def rescale_loader_states(states: list[Any], saved_world_size: int, world_size: int) -> list[Any]:
+    """Loader states saved by ``saved_world_size`` processes, for ``world_size`` processes: the number of samples
+    each process's sampler has yielded (torchdata's ``samples_yielded``, per process) scaled so that all processes
+    together resume at the same global position of the epoch. With a rank-dealing sampler (``WindowSampler``,
+    ``DistributedSampler`` without shuffling) that is exactly where the interrupted run stopped."""
+    rescaled = []
+    for state in states:
+        sampler_state = state.get("_sampler_iter_state") if isinstance(state, dict) else None
+        yielded = sampler_state.get("samples_yielded") if isinstance(sampler_state, dict) else None
+        if isinstance(yielded, int):
+            sampler_state = {**sampler_state, "samples_yielded": yielded * saved_world_size // world_size}
+            state = {**state, "_sampler_iter_state": sampler_state}
+        rescaled.append(state)
+    return rescaled
+
+
 class ExactResume(L.Callback):
     """Generator states of every rank in each checkpoint, restored on resume; the data position applied even
     when Lightning built the loader before restoring (see module docstring).
@@ -268,6 +284,8 @@ class ExactResume(L.Callback):
             )
         if not states or loader is None or fetcher is None:
             return
+        if self._pending and len(self._pending) != trainer.world_size:
+            states = rescale_loader_states(states, len(self._pending), trainer.world_size)
         for dataloader in loader.flattened:
             _set_sampler_epoch(dataloader, progress.processed)
         samplers = self._pending[trainer.global_rank % len(self._pending)]["samplers"] if self._pending else []
@@ -293,9 +311,12 @@ class ExactResume(L.Callback):
             return
         ranks, self._pending = self._pending, None
         if len(ranks) != trainer.world_size:
+            # Resharding on other hardware: weights, optimizer, schedule and data position carry over (the loader
+            # fast-forwards by whole batches of this run's size), per-process generators and epoch metrics cannot.
             rank_zero_warn(
-                f"The checkpoint holds RNG states for {len(ranks)} process(es), this run has {trainer.world_size}: "
-                "random draws (dropout, augmentation) will not continue exactly as in the interrupted run."
+                f"resuming a {len(ranks)}-process checkpoint on {trainer.world_size} process(es): random draws "
+                "(dropout, augmentation) and per-process epoch metrics start afresh, and the data continues where it "
+                "stopped only if data.batch_size x processes (the global batch) is unchanged"
             )
         set_rng_states(ranks[trainer.global_rank % len(ranks)]["rng"])
 
