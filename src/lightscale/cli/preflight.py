@@ -11,11 +11,16 @@ Runs on a login node (no GPU needed) in a few seconds:
    ``trainer.devices`` / the strategy (a mismatch hangs or crashes a multi-node job after the queue wait);
    resources come from the options above, the ``#SBATCH`` header of ``--sbatch``, or the allocation it runs in;
    ``--from-slurm`` first sets ``trainer.num_nodes`` / ``trainer.devices`` from them, as ``slurm/train.sbatch`` does;
-3. builds the model on the meta device (no memory, any size): parameter count and the training state per
-   device for DDP and for FSDP;
-4. builds the data and, for models up to 20M parameters, runs one training and one validation batch on the
-   CPU (``--no-step`` skips it, ``--step`` forces it); otherwise loads one batch;
-5. with ``--sweep``, parses every point of the sweep.
+3. builds the model on the meta device (no memory, any size): parameter count and a rule-of-thumb training state
+   per device for DDP and for FSDP;
+4. loads one training batch and plans the memory of one step per device at the config's world size: the model's
+   own ``configure_model`` shards it (FSDP2, tensor parallelism) in a fake process group of that size, and a step
+   on fake tensors measures parameters, gradients, optimizer state, activations (with activation checkpointing
+   each way) and the peak (:mod:`lightscale.training.memory_plan`); with ``--gpu-mem-gb`` a step that does not
+   fit (90% of it) is an error that shows the numbers;
+5. for models up to 20M parameters, runs one training and one validation batch on the CPU (``--no-step`` skips
+   it, ``--step`` forces it);
+6. with ``--sweep``, parses every point of the sweep.
 
 It prints one summary, or one line with the first error and exits 2. ``slurm/submit.sh`` runs it before
 ``sbatch``.
@@ -36,6 +41,7 @@ from typing import Any
 from lightscale.cluster.resources import (
     check_launch,
     devices_per_node,
+    gpu_memory_gb,
     plain,
     resolve_accelerator,
     resolve_resources,
@@ -172,14 +178,20 @@ def _cpu_step(model: Any, datamodule: Any) -> str:
     )
 
 
-def _batch_summary(datamodule: Any) -> str:
-    import torch
-
+def _first_batch(datamodule: Any) -> Any:
+    """One training batch, the shape the memory plan measures and the summary shows (``None``: no datamodule)."""
     if datamodule is None:
-        return "no datamodule"
+        return None
     datamodule.prepare_data()
     datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
+    return next(iter(datamodule.train_dataloader()))
+
+
+def _batch_summary(batch: Any) -> str:
+    import torch
+
+    if batch is None:
+        return "no datamodule"
     parts = []
     for item in batch if isinstance(batch, (list, tuple)) else [batch]:
         if isinstance(item, torch.Tensor):
@@ -187,6 +199,55 @@ def _batch_summary(datamodule: Any) -> str:
         else:
             parts.append(type(item).__name__)
     return "one training batch: " + ", ".join(parts)
+
+
+class DoesNotFit(UserError):
+    """A training step that would run out of device memory; ``lines`` is the summary that shows why."""
+
+    def __init__(self, message: str, lines: list[str]) -> None:
+        super().__init__(message)
+        self.lines = lines
+
+
+def _memory_plan(
+    cli: Any, batch: Any, devices: int, num_nodes: int, device_bytes: float | None, device_source: str
+) -> list[str]:
+    """Lines of the memory plan (``lightscale.training.memory_plan``) at the config's world size; raises
+    :class:`DoesNotFit` with them when the step would not fit ``device_bytes``."""
+    from lightscale.training.memory_plan import NotMeasured, fit_error, plan_memory, plan_table
+
+    trainer = cli.config.trainer
+    strategy = cli.config_init.trainer.get("strategy") or "auto"
+    name = str(plain(trainer.get("strategy")) or "auto").rsplit(".", 1)[-1].lower()
+    if name in ("fsdp", "fsdpstrategy") or batch is None:  # FSDP1 refuses a CPU; nothing to measure without data
+        why = "FSDP1 (FSDPStrategy) needs a GPU to shard; configs/trainer/fsdp.yaml (FSDP2) can be planned"
+        return [f"plan       not measured: {why if batch is not None else 'no datamodule to take a batch from'}"]
+    precision = trainer.get("precision") or "32-true"
+    try:
+        plan = plan_memory(
+            cli.model,
+            batch,
+            strategy=strategy,
+            devices=devices,
+            num_nodes=num_nodes,
+            precision=precision,
+            accumulate_grad_batches=int(trainer.get("accumulate_grad_batches") or 1),
+            max_steps=int(trainer.get("max_steps") or -1),
+        )
+    except NotMeasured as error:  # the rule of thumb above stands
+        reads = "it reads a tensor's value (metrics, .item()); " if "DataDependent" in str(error) else ""
+        step = f"{type(cli.model).__name__}.training_step"
+        return [f"plan       not measured: {step} does not run on fake tensors ({reads}{error})"[:300]]
+    shapes = _batch_summary(batch).removeprefix("one training batch: ")
+    lines = [
+        f"plan       {plan.layout}, world size {devices * num_nodes}, {precision}, micro-batch {shapes}; "
+        "per device (rank 0), measured on fake tensors:"
+    ]
+    lines.extend(f"             {row}" for row in plan_table(plan, device_bytes, device_source))
+    error = fit_error(plan, device_bytes) if device_bytes is not None else None
+    if error:
+        raise DoesNotFit(error, lines)
+    return lines
 
 
 def run(argv: Sequence[str]) -> list[str]:
@@ -268,19 +329,32 @@ def run(argv: Sequence[str]) -> list[str]:
             f"memory     per device, weights + grads + AdamW ({per_param} B/param): DDP {fmt.gigabytes(ddp)}, "
             f"FSDP over {world} {fmt.gigabytes(fsdp)} (activations not included)"
         )
-        if "--gpu-mem-gb" in options:
+        if "--gpu-mem-gb" in options:  # the rule of thumb; the plan below measures
             limit = float(options["--gpu-mem-gb"]) * 1e9
             if ddp > 0.8 * limit:
                 verdict = "FSDP" if fsdp <= 0.8 * limit else "neither DDP nor FSDP at this world size"
                 state, available = fmt.gigabytes(ddp), fmt.gigabytes(limit)
                 warnings.append(f"the DDP training state ({state}) exceeds 80% of {available}: use {verdict}")
+        device_bytes = float(options["--gpu-mem-gb"]) * 1e9 if "--gpu-mem-gb" in options else None
+        device_source = "--gpu-mem-gb"
+        if device_bytes is None and accelerator == "gpu":  # else the GPU type SLURM is asked for, when it says
+            named = {**header, **explicit}
+            spec = named.get("--gpus-per-node") or named.get("--gres") or os.environ.get("SLURM_GPUS_PER_NODE")
+            size = gpu_memory_gb(spec)
+            device_bytes, device_source = (size * 1e9, f"{spec}, per SLURM") if size is not None else (None, "")
+        batch = _first_batch(datamodule)
+        try:
+            lines.extend(_memory_plan(cli, batch, devices, num_nodes, device_bytes, device_source))
+        except DoesNotFit as error:
+            error.lines = [*lines, *error.lines]
+            raise
         want_step = "--step" in options or ("--no-step" not in options and n_params <= STEP_MAX_PARAMS)
         if want_step:
             real_model, real_data = cli.build_real()
             lines.append(f"step       {_cpu_step(real_model, real_data)}")
         else:
             why = "--no-step" if "--no-step" in options else f"> {fmt.count(STEP_MAX_PARAMS)} params; --step forces it"
-            lines.append(f"data       {_batch_summary(datamodule)} (no CPU step: {why})")
+            lines.append(f"data       {_batch_summary(batch)} (no CPU step: {why})")
         lines.append(f"run dir    {cli.run_dir} (new)")
         lines.extend(f"warning    {w}" for w in warnings)
     return lines
@@ -305,6 +379,10 @@ def main(argv: Sequence[str]) -> None:
         message = one_line(str(error)) or type(error).__name__
         if not isinstance(error, (ArgumentError, UserError, MisconfigurationException)):
             message = f"{type(error).__name__}: {message}"
+        if isinstance(error, DoesNotFit):  # the numbers that say why, then the one line
+            print("lightscale preflight")
+            for line in error.lines:
+                print(f"  {line}")
         print(f"lightscale preflight: error: {message}", file=sys.stderr)
         sys.exit(2)
     print("lightscale preflight")

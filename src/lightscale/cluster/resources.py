@@ -63,6 +63,25 @@ def gres_gpu_count(spec: str | None) -> int | None:
     return 0
 
 
+GPU_MEMORY_GB = {"h100": 80, "h200": 141, "b200": 180, "l40s": 48, "l40": 48, "a10": 24, "a10g": 24}
+
+
+def gpu_memory_gb(spec: str | None) -> float | None:
+    """Memory of the GPU type a ``--gpus-per-node`` / ``--gres`` value names (``h100:4``, ``gpu:a100_80gb:8``), when the
+    name says it unambiguously: a size in the name (``80gb``), else a type with one size (:data:`GPU_MEMORY_GB`;
+    not A100 or V100, which come in two)."""
+    for item in str(spec or "").lower().split(","):
+        parts = [part for part in item.strip().split(":") if part and part != "gpu" and not part.isdigit()]
+        for part in parts:
+            sized = re.search(r"(\d+)\s*g(?:b)?(?:$|[^a-z])", part)
+            if sized:
+                return float(sized.group(1))
+            for name, size in GPU_MEMORY_GB.items():
+                if re.search(rf"(^|[^a-z0-9]){name}($|[^a-z0-9])", part):
+                    return float(size)
+    return None
+
+
 def sbatch_options(path: str | Path) -> dict[str, str]:
     """``--long-option -> value`` from a batch script's ``#SBATCH`` lines (SLURM stops reading them at the first
     line that is neither blank nor a comment)."""
