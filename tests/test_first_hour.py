@@ -30,7 +30,6 @@ def error_line(stderr: str) -> str:
     return lines[-1]
 
 
-
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

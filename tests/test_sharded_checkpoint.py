@@ -83,7 +83,6 @@ def consolidated(checkpoint: Path, out: Path) -> dict:
     return torch.load(out, weights_only=True)
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("async_save", ["false", "true"])
 def test_a_kill_during_a_sharded_save_keeps_the_previous_checkpoint(tmp_path: Path, async_save: str) -> None:

@@ -27,7 +27,6 @@ pytestmark = pytest.mark.slow
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--data", "helpers.probe.DistributedDigits"]
 
 
-
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Uninterrupted runs, one process and 2-process DDP."""
