@@ -1,7 +1,8 @@
 """GPU throughput: GPT-124M (GPT-2 small: 12 layers, 12 heads, 768 dims, context 1024, vocab 50304) trained by
 CausalLM + Trainer in bf16 with compiled blocks; tokens/s, model FLOPs utilisation (MFU) against the device's
 dense bf16 peak (ThroughputLogger's table: 989.5 TFLOP/s on an H100 SXM) and peak memory; then the same model
-under DDP and under FSDP2 (ModelParallelStrategy) on one GPU.
+under DDP and under FSDP2 (ModelParallelStrategy) on one GPU. Each run's peak is set beside what
+``lightscale preflight`` plans for it (``training.memory_plan``, on fake tensors), and its error.
 
 Data are random tokens (benchmarks/synthetic.py): identical work to text, no corpus or tokenizer download.
 Each configuration runs in its own process; the ThroughputLogger's whole-run average leaves out the first
@@ -39,33 +40,47 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     """One training run in this process; returns its figures."""
     import lightning as L
     import torch
-    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy
 
     from lightscale.models.causal_lm import CausalLM
     from lightscale.schedules import WarmupCosine
     from lightscale.tracking.throughput import ThroughputLogger
+    from lightscale.training.memory_plan import plan_memory
     from lightscale.training.perf import enable_tf32
+    from lightscale.training.strategy import ModelParallelStrategy
     from synthetic import RandomTokens
 
     shape = TINY if args.smoke else GPT_124M
     cuda = torch.cuda.is_available() and not args.smoke
     enable_tf32()
     data = RandomTokens(shape["vocab_size"], shape["block_size"], args.batch_size)
-    model = CausalLM(
-        **shape,
-        dropout=0.0,
-        bias=False,
-        lr=6e-4,
-        optimizer=partial(torch.optim.AdamW, betas=(0.9, 0.95), fused=cuda),
-        scheduler=partial(WarmupCosine, total_steps=args.steps, warmup_steps=10, min_lr_ratio=0.1),
-        compile=cuda,
-        sample_prompt=None,
-    )
-    strategy: Any = {
-        "single": "auto",
-        "ddp": DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True),
-        "fsdp": ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-    }[args.worker]
+
+    def make_model() -> CausalLM:
+        return CausalLM(
+            **shape,
+            dropout=0.0,
+            bias=False,
+            lr=6e-4,
+            optimizer=partial(torch.optim.AdamW, betas=(0.9, 0.95), fused=cuda),
+            scheduler=partial(WarmupCosine, total_steps=args.steps, warmup_steps=10, min_lr_ratio=0.1),
+            compile=cuda,
+            sample_prompt=None,
+        )
+
+    def make_strategy() -> Any:
+        return {
+            "single": "auto",
+            "ddp": DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True),
+            "fsdp": ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        }[args.worker]
+
+    # what `lightscale preflight` predicts for this step, planned on fake tensors before the real run
+    data.setup("fit")
+    with torch.device("meta"):
+        planned = make_model()
+    batch = next(iter(data.train_dataloader()))
+    plan = plan_memory(planned, batch, strategy=make_strategy(), devices=1, num_nodes=1, precision="bf16-mixed")
+    model, strategy = make_model(), make_strategy()
     throughput = ThroughputLogger()
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as root:
         trainer = L.Trainer(
@@ -97,6 +112,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "mfu": summary.get("throughput/mfu"),
         "peak_flops": throughput.available_flops,
         "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+        "plan_peak_gb": plan.peak / 1e9,
         "steps": trainer.global_step,
     }
 
@@ -114,13 +130,24 @@ def run_worker(strategy: str, args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _plan_row(case: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Preflight's planned peak against the measured one (max_memory_allocated): the plan's error."""
+    planned, measured = result["plan_peak_gb"], result["peak_gb"]
+    if measured is None:  # smoke run on the CPU: nothing measured to compare with
+        return row(BENCH, case, "preflight plan of the peak", planned, "GB", note="no GPU peak to compare")
+    error = planned / measured - 1
+    note = f"measured {measured:.2f} GB: {error:+.1%}"
+    return row(BENCH, case, "preflight plan of the peak", planned, "GB", "within 25%", abs(error) <= 0.25, note)
+
+
 def skipped_rows(reason: str) -> list[dict[str, Any]]:
     case = "GPT-124M bf16 + compile"
     return [
         skipped(BENCH, case, "throughput", reason),
         skipped(BENCH, case, "MFU (dense bf16 peak)", reason, target=f">= {MFU_TARGET:.0%} (H100)"),
         skipped(BENCH, case, "peak memory", reason),
-        skipped(BENCH, "GPT-124M DDP vs FSDP2, 1 GPU", "throughput, peak memory", reason),
+        skipped(BENCH, case, "preflight plan of the peak", reason, target="within 25%"),
+        skipped(BENCH, "GPT-124M DDP vs FSDP2, 1 GPU", "throughput, peak memory, preflight plan", reason),
     ]
 
 
@@ -161,12 +188,14 @@ def main() -> int:
             f"peak {single['peak_flops'] / 1e12:.1f} TFLOP/s" if single["peak_flops"] else "peak unknown",
         ),
         row(BENCH, case, "peak memory", single["peak_gb"], "GB"),
+        _plan_row(case, single),
     ]
     for strategy in ("ddp", "fsdp"):
         r = results[strategy]
         name = {"ddp": "DDP", "fsdp": "FSDP2"}[strategy]
         rows.append(row(BENCH, f"{case}, {name} on 1 GPU", "throughput", r["tokens_per_sec"], "tokens/s"))
         rows.append(row(BENCH, f"{case}, {name} on 1 GPU", "peak memory", r["peak_gb"], "GB"))
+        rows.append(_plan_row(f"{case}, {name} on 1 GPU", r))
     return finish(rows, args.json, {"machine": machine(), "results": results})
 
 
