@@ -132,3 +132,30 @@ def test_two_process_fsdp2_checkpoint_resumes_on_one_process(uninterrupted: tupl
         assert data[step] == expected_data[step], step  # the same 8 windows, across the epoch end at step 8
     for step in range(7, 13):
         assert loss[step] == pytest.approx(expected_loss[step], rel=LOSS_RTOL), step
+
+
+@pytest.mark.slow
+def test_fsdp2_x_tp_checkpoint_resumes_under_fsdp2_on_fewer_processes(tmp_path: Path) -> None:
+    """4 processes as 2 data replicas x 2 tensor-parallel ranks, resumed as 2 FSDP2 processes: the same 2 data
+    replicas (batch 4 each), the weights resharded from (data_parallel, tensor_parallel) to data_parallel only."""
+    reference = tmp_path / "runs" / "fsdp-tp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    result = subprocess.run(
+        [*torchrun, "-m", "lightscale", "fit", *COMMON, "--data.cache_dir", str(tmp_path / "tokens"),
+         "--run.dir", str(reference), "--config", str(CONFIGS / "trainer" / "fsdp-tp.yaml"), "--data.batch_size", "4"],
+        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    (checkpoint,) = (reference / "checkpoints").glob("best-0-6.ckpt")
+    assert len(list(checkpoint.glob("*.distcp"))) == 4  # one shard per process
+    run_dir = tmp_path / "runs" / "fsdp"
+    resumed = fit(tmp_path, run_dir, *TWO_PROCESSES, "--ckpt_path", str(checkpoint))
+    assert "resuming a 4-process checkpoint on 2 process(es)" in resumed.stderr
+
+    expected_loss, expected_data = per_step(reference, world_size=4)
+    loss, data = per_step(run_dir, world_size=2)
+    assert sorted(loss) == list(range(7, 13))
+    for step in range(6, 12):  # each tensor-parallel pair reads its replica's batch: every window counted twice
+        assert data[step] * 2 == pytest.approx(expected_data[step], rel=1e-12), step
+    for step in range(7, 13):
+        assert loss[step] == pytest.approx(expected_loss[step], rel=LOSS_RTOL), step

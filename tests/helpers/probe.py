@@ -39,7 +39,8 @@ class Probe(Callback):
         if self.trace:
             tensors = batch if isinstance(batch, (list, tuple)) else [batch]
             data = [round(float(t.double().sum()), 6) for t in tensors if isinstance(t, torch.Tensor)]
-            weights = float(sum(p.detach().double().sum() for p in pl_module.parameters()))
+            # each parameter on its own: under FSDP2 x TP they are DTensors on two different meshes
+            weights = sum(float(p.detach().double().sum()) for p in pl_module.parameters())
             with open(self._dir(trainer) / f"trace-rank{trainer.global_rank}.txt", "a") as file:
                 file.write(f"{trainer.global_step} {idx} {data} {weights:.10f}\n")
 

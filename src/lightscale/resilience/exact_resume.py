@@ -198,8 +198,8 @@ def _all_gather(obj: Any) -> list[Any]:
 
 
 def rescale_loader_states(states: list[Any], saved_world_size: int, world_size: int) -> list[Any]:
-    """Loader states saved by ``saved_world_size`` processes, for ``world_size`` processes: the number of samples
-    each process's sampler has yielded (torchdata's ``samples_yielded``, per process) scaled so that all processes
+    """Loader states saved by ``saved_world_size`` data replicas, for ``world_size`` replicas: the number of samples
+    each replica's sampler has yielded (torchdata's ``samples_yielded``, per process) scaled so that all of them
     together resume at the same global position of the epoch. With a rank-dealing sampler (``WindowSampler``,
     ``DistributedSampler`` without shuffling) that is exactly where the interrupted run stopped."""
     rescaled = []
@@ -211,6 +211,13 @@ def rescale_loader_states(states: list[Any], saved_world_size: int, world_size: 
             state = {**state, "_sampler_iter_state": sampler_state}
         rescaled.append(state)
     return rescaled
+
+
+def data_parallel_size(trainer: L.Trainer | None) -> int:
+    """How many data replicas the run's samplers split the data into: the processes, less the tensor-parallel
+    ranks that share a replica's batches."""
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+    return int((kwargs or {}).get("num_replicas", 1))
 
 
 class ExactResume(L.Callback):
@@ -234,6 +241,7 @@ class ExactResume(L.Callback):
             "rng": collect_rng_states(self._outer),
             "samplers": _sampler_states(self._trainer),
             "metrics": persistent_metric_states(module),
+            "data_parallel_size": data_parallel_size(self._trainer),
         }
         return {"ranks": _all_gather(mine)}
 
@@ -284,8 +292,9 @@ class ExactResume(L.Callback):
             )
         if not states or loader is None or fetcher is None:
             return
-        if self._pending and len(self._pending) != trainer.world_size:
-            states = rescale_loader_states(states, len(self._pending), trainer.world_size)
+        saved_replicas = self._pending[0].get("data_parallel_size", len(self._pending)) if self._pending else None
+        if saved_replicas is not None and saved_replicas != data_parallel_size(trainer):
+            states = rescale_loader_states(states, saved_replicas, data_parallel_size(trainer))
         for dataloader in loader.flattened:
             _set_sampler_epoch(dataloader, progress.processed)
         samplers = self._pending[trainer.global_rank % len(self._pending)]["samplers"] if self._pending else []
