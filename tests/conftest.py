@@ -98,3 +98,20 @@ def python_cli(*args: str, env: dict | None = None, timeout: float = 600) -> "su
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def launcher_env() -> dict[str, str]:
+    """Environment of a process that starts its own process group (torchrun, Lightning's launcher): nothing of this
+    process's SLURM / torchrun world or W&B service, the test helpers importable, one thread per rank."""
+    drop = ("SLURM_", "TORCHELASTIC_", "MASTER_", "WANDB_SERVICE", RUN_DIR_ENV)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return {**clean, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a rendezvous on 127.0.0.1)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -8,8 +8,6 @@ with the same weights, and DDP-synced torchmetrics equal to one process on the s
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -19,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, free_port, launcher_env
 from helpers.wandb_offline import find_offline_runs, read_offline_run
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
@@ -29,18 +27,6 @@ TINY = [
     "--trainer.limit_val_batches", "2", "--run.test_after_fit", "false", "--run.report", "false",
     "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=helpers.probe.Probe",
 ]  # fmt: skip
-
-
-def env() -> dict[str, str]:
-    drop = ("SLURM_", "TORCHELASTIC_", "MASTER_", "WANDB_SERVICE")  # WANDB_SERVICE: this process's W&B service
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    return {**clean, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(*args: str) -> list[str]:
@@ -68,7 +54,7 @@ def check_one_run(root: Path, world_size: int) -> Path:
 def test_torchrun_standalone_two_processes(tmp_path: Path) -> None:
     proc = subprocess.run(
         [*torchrun("--standalone", "--nproc_per_node", "2"), *TINY, "--trainer.devices", "2"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     run_dir = check_one_run(tmp_path, world_size=2)
@@ -88,7 +74,7 @@ def test_torchrun_two_nodes_rendezvous(tmp_path: Path) -> None:
         subprocess.Popen(
             [*torchrun(*common, "--node_rank", str(rank)), *fit],
             cwd=tmp_path,
-            env=env(),
+            env=launcher_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -116,7 +102,7 @@ def test_ddp_metrics_equal_single_process(tmp_path: Path) -> None:
     sync_dist mean of equal-sized rank means, i.e. the global mean."""
     train = subprocess.run(
         [sys.executable, "-m", "lightscale", "fit", *TINY, "--run.name", "train"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
     (ckpt,) = (tmp_path / "runs" / "train").glob("*/checkpoints/last.ckpt")
@@ -125,7 +111,7 @@ def test_ddp_metrics_equal_single_process(tmp_path: Path) -> None:
         proc = subprocess.run(
             [sys.executable, "-m", "lightscale", "test", "--config", DIGITS, "--config", CPU, "--run.report", "false",
              "--trainer.enable_progress_bar", "false", "--run.name", name, "--ckpt_path", str(ckpt), *extra],
-            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+            cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         (run_dir,) = (tmp_path / "runs" / name).iterdir()  # one run directory per run, DDP included

@@ -20,7 +20,6 @@ little by AdamW's normalised first steps.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -30,7 +29,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, free_port, launcher_env
 
 pytestmark = pytest.mark.slow
 
@@ -39,18 +38,6 @@ LOSS_RTOL = 1e-6  # relative, per step; measured <= 1.9e-7 (torch 2.13, CPU)
 # absolute, per element; measured <= 7.5e-7, while training moves weights by up to 2.6e-3 (initial N(0, 0.02))
 WEIGHT_ATOL = 5e-6
 EXPERIMENT = str(CONFIGS / "experiment" / "gpt-cpu.yaml")
-
-
-def env() -> dict[str, str]:
-    drop = ("SLURM_", "TORCHELASTIC_", "MASTER_", "WANDB_SERVICE")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    return {**clean, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fit_args(workdir: Path, data_parallel: int) -> list[str]:
@@ -86,7 +73,9 @@ def run(workdir: Path, *commands: list[str]) -> None:
     """Start ``commands`` together (several torchrun agents form one job) and wait for all of them."""
     workdir.mkdir(parents=True, exist_ok=True)
     procs = [
-        subprocess.Popen(c, cwd=workdir, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            c, cwd=workdir, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         for c in commands
     ]
     outputs = []
@@ -215,7 +204,7 @@ def test_heads_that_do_not_split_are_refused(tmp_path: Path) -> None:
     sizes = ["--model.init_args.n_head", "3", "--model.init_args.n_embd", "33"]
     proc = subprocess.run(
         [sys.executable, "-m", "lightscale", *fit_args(tmp_path, 1), *preset, *sizes],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     errors = {line for line in proc.stderr.splitlines() if line.startswith("lightscale: error: ")}
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]

@@ -15,14 +15,13 @@ sums them whole), fp32; measured differences are ~1e-7 relative, the bound 1e-5.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, launcher_env
 
 LOSS_RTOL = 1e-5
 COMMON = [
@@ -45,17 +44,11 @@ ONE_PROCESS = {
 }  # fmt: skip
 
 
-def env() -> dict[str, str]:
-    drop = ("SLURM_", "TORCHELASTIC_", "MASTER_", "WANDB_SERVICE", "LIGHTSCALE_RUN_DIR")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    return {**clean, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO / "tests")}
-
-
 def fit(root: Path, run_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [sys.executable, "-m", "lightscale", "fit", *COMMON, "--data.cache_dir", str(root / "tokens"),
          "--run.dir", str(run_dir), *args],
-        cwd=root, env=env(), capture_output=True, text=True, timeout=600,
+        cwd=root, env=launcher_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -143,7 +136,7 @@ def test_fsdp2_x_tp_checkpoint_resumes_under_fsdp2_on_fewer_processes(tmp_path: 
     result = subprocess.run(
         [*torchrun, "-m", "lightscale", "fit", *COMMON, "--data.cache_dir", str(tmp_path / "tokens"),
          "--run.dir", str(reference), "--config", str(CONFIGS / "trainer" / "fsdp-tp.yaml"), "--data.batch_size", "4"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     (checkpoint,) = (reference / "checkpoints").glob("best-0-6.ckpt")

@@ -143,20 +143,28 @@ class SlowReadDigits(DigitsDataModule):
         self.splits["train"] = _SlowReads(self.seconds, self.rank, *self.splits["train"].tensors)
 
 
-class SlowDisk(Callback):
+class _EventLog(Callback):
+    """Appends JSON lines (``event``, details, monotonic ``time``) to the file ``events``, for a test to follow."""
+
+    def __init__(self, events: str) -> None:
+        self.events = events
+
+    def _event(self, **event: object) -> None:
+        with open(self.events, "a") as file:
+            file.write(json.dumps({**event, "time": time.monotonic()}) + "\n")
+
+
+class SlowDisk(_EventLog):
     """Checkpoint writes that take ``seconds`` longer, from the ``from_write``-th on: the bytes are in the temporary
     file, the rename has not happened. Appends what happens to the file ``events`` (JSON lines: ``write-start`` /
     ``write-end`` with the checkpoint's step, ``step`` after each optimizer step), so a test sees what ran during a
     write and can kill the run in the middle of one."""
 
     def __init__(self, events: str, seconds: float = 1.0, from_write: int = 1) -> None:
-        self.events, self.seconds, self.from_write = events, seconds, from_write
+        super().__init__(events)
+        self.seconds, self.from_write = seconds, from_write
         self._writes = 0
         self._original = None
-
-    def _event(self, **event: object) -> None:
-        with open(self.events, "a") as file:
-            file.write(json.dumps({**event, "time": time.monotonic()}) + "\n")
 
     def _slow_save(self, checkpoint: dict, path: str) -> None:
         self._writes += 1
@@ -179,19 +187,16 @@ class SlowDisk(Callback):
         self._event(event="step", step=trainer.global_step)
 
 
-class HangingShardedWrite(Callback):
+class HangingShardedWrite(_EventLog):
     """The ``from_write``-th sharded checkpoint save stops for ``seconds`` once every rank has written its shards,
     just before rank 0 writes the metadata that completes the checkpoint (``FileSystemWriter.finish``). Rank 0
     appends ``write-start`` and ``step`` events to ``events`` as :class:`SlowDisk` does."""
 
     def __init__(self, events: str, seconds: float = 600, from_write: int = 1) -> None:
-        self.events, self.seconds, self.from_write = events, seconds, from_write
+        super().__init__(events)
+        self.seconds, self.from_write = seconds, from_write
         self._writes = 0
         self._original = None
-
-    def _event(self, **event: object) -> None:
-        with open(self.events, "a") as file:
-            file.write(json.dumps({**event, "time": time.monotonic()}) + "\n")
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         from torch.distributed.checkpoint.filesystem import FileSystemWriter
