@@ -115,3 +115,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_together(cwd: Path, *commands: list[str], timeout: float = 600) -> None:
+    """Start ``commands`` together (e.g. the torchrun agents of one job on several "nodes") in ``cwd`` with
+    :func:`launcher_env`, wait for all of them, and fail with their output unless every one exits 0."""
+    import subprocess
+
+    cwd.mkdir(parents=True, exist_ok=True)
+    procs = [
+        subprocess.Popen(
+            command, cwd=cwd, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for command in commands
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(o[-4000:] for o in outputs)

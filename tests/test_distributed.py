@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import CONFIGS, free_port, launcher_env
+from conftest import CONFIGS, free_port, launcher_env, run_together
 from helpers.wandb_offline import find_offline_runs, read_offline_run
 
 DIGITS = str(CONFIGS / "experiment" / "digits.yaml")
@@ -70,26 +70,7 @@ def test_torchrun_two_nodes_rendezvous(tmp_path: Path) -> None:
         "--rdzv-id", rdzv_id, "--local-addr", "127.0.0.1",
     ]  # fmt: skip
     fit = [*TINY, "--trainer.num_nodes", "2", "--trainer.devices", "1"]
-    procs = [
-        subprocess.Popen(
-            [*torchrun(*common, "--node_rank", str(rank)), *fit],
-            cwd=tmp_path,
-            env=launcher_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    run_together(tmp_path, *([*torchrun(*common, "--node_rank", str(rank)), *fit] for rank in (0, 1)))
     run_dir = check_one_run(tmp_path, world_size=2)
     assert run_dir.name == f"torchrun-{rdzv_id}"
 

@@ -29,7 +29,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONFIGS, free_port, launcher_env
+from conftest import CONFIGS, free_port, launcher_env, run_together
 
 pytestmark = pytest.mark.slow
 
@@ -67,26 +67,6 @@ def sizing(workdir: Path, data_parallel: int) -> list[str]:
     path.write_text(yaml.safe_dump(config))
     probe = ["--trainer.callbacks+=helpers.probe.Probe", "--trainer.callbacks.losses", "true"]
     return ["--config", str(path), *probe]
-
-
-def run(workdir: Path, *commands: list[str]) -> None:
-    """Start ``commands`` together (several torchrun agents form one job) and wait for all of them."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    procs = [
-        subprocess.Popen(
-            c, cwd=workdir, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for c in commands
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=600)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(o[-4000:] for o in outputs)
 
 
 def results(
@@ -147,8 +127,8 @@ def initial_weights() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[float], dict[str, torch.Tensor]]:
     workdir = tmp_path_factory.mktemp("one")
-    run(workdir, [sys.executable, "-m", "lightscale", *fit_args(workdir, 1), "--trainer.accelerator", "cpu",
-                  "--trainer.devices", "1"])  # fmt: skip
+    run_together(workdir, [sys.executable, "-m", "lightscale", *fit_args(workdir, 1), "--trainer.accelerator", "cpu",
+                           "--trainer.devices", "1"])  # fmt: skip
     losses, weights = results(workdir, 1)
     assert losses == pytest.approx(metrics_losses(workdir), rel=1e-6)  # the probe reads what the run logged
     assert losses[-1] < losses[0]
@@ -163,7 +143,7 @@ def strip(result: tuple[list[float], dict[str, torch.Tensor]]) -> tuple[list[flo
 def test_tensor_parallel_matches_one_process(one_process: tuple, tmp_path: Path) -> None:
     """TP=2 (Lightning's launcher, 2 processes): every rank reads the whole batch."""
     preset = ["--config", str(CONFIGS / "trainer" / "tp.yaml"), "--trainer.accelerator", "cpu"]
-    run(tmp_path, [sys.executable, "-m", "lightscale", *fit_args(tmp_path, 1), *preset])
+    run_together(tmp_path, [sys.executable, "-m", "lightscale", *fit_args(tmp_path, 1), *preset])
     result = strip(results(tmp_path, 2, {"net.blocks.0.attn.q.weight": ("data_parallel", "tensor_parallel")}))
     assert result[0] == pytest.approx(metrics_losses(tmp_path), rel=1e-6)  # metrics.csv: the global loss here
     compare("tp=2", one_process, result)
@@ -173,7 +153,7 @@ def test_fsdp2_x_tensor_parallel_matches_one_process(one_process: tuple, tmp_pat
     """FSDP2(2) x TP(2): 4 processes under torchrun (Lightning's launcher refuses more processes than cores)."""
     preset = ["--config", str(CONFIGS / "trainer" / "fsdp-tp.yaml"), "--trainer.accelerator", "cpu"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
-    run(tmp_path, [*torchrun, "lightscale", *fit_args(tmp_path, 2), *preset])
+    run_together(tmp_path, [*torchrun, "lightscale", *fit_args(tmp_path, 2), *preset])
     meshes = {
         "net.blocks.1.mlp.c_proj.weight": ("data_parallel", "tensor_parallel"),  # TP, then FSDP2 over data_parallel
         "net.wte.weight": ("data_parallel",),  # out of the TP plan: FSDP2 only
@@ -192,7 +172,7 @@ def test_hybrid_shard_two_nodes_matches_one_process(one_process: tuple, tmp_path
     ]  # fmt: skip
     preset = ["--config", str(CONFIGS / "trainer" / "hsdp.yaml"), "--trainer.accelerator", "cpu"]
     fit = [*fit_args(tmp_path, 4), *preset]
-    run(tmp_path, *([*agent, "--node_rank", str(rank), "-m", "lightscale", *fit] for rank in (0, 1)))
+    run_together(tmp_path, *([*agent, "--node_rank", str(rank), "-m", "lightscale", *fit] for rank in (0, 1)))
     meshes = {"net.blocks.0.attn.q.weight": ("replicate", "shard"), "net.wte.weight": ("replicate", "shard")}
     compare("hsdp 2x2", one_process, strip(results(tmp_path, 4, meshes)))
 
