@@ -5,7 +5,6 @@ crafted or already exported inputs are refused in one line, with nothing left be
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, run_cli
+from conftest import CONFIGS, launcher_env, run_cli
 from test_hardening import DIGITS, SHORT, Payload, error_line, malicious_checkpoint, sharded_checkpoint
 
 GPT_TINY = [
@@ -28,16 +27,10 @@ GPT_TINY = [
 FSDP = ["--config", str(CONFIGS / "trainer" / "fsdp.yaml"), "--trainer.accelerator", "cpu"]
 
 
-def subprocess_env() -> dict[str, str]:
-    drop = ("SLURM_", "TORCHELASTIC_", "MASTER_", "WANDB_SERVICE", "LIGHTSCALE_RUN_DIR")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    return {**clean, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO / "tests")}
-
-
 def lightscale(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lightscale", *args],
-        cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=600,
+        cwd=cwd, env=launcher_env(), capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
